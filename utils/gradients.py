@@ -1,0 +1,119 @@
+"""Per-sample gradient norms and the files that hold them.
+
+A gradients file is ``gradients/<in-dataset>/<name>/<score or "original">/<dataset>.pkl``, a pickled dict::
+
+    {"version": 1,
+     "model":   {"name", "arch", "in_dataset", "num_classes", "checkpoint", "epoch"},
+     "method":  "norm" | "original",   "score": "min" | "max" | "pred" | None,
+     "dataset": "LSUN",                "num_samples": N,
+     "layers":  {"conv1.weight": float32[N], ...},   # per-layer L2 norms, model order
+     "total":   float32[N],                          # sqrt of the sum of squared layer norms
+     "class":   int64[N],  "pred": int64[N],  "label": int64[N] (-1 for OOD),
+     "msp": float32[N],  "energy": float32[N]}       # output-based baselines, same pass
+
+It is written atomically and read back with a restricted unpickler that admits only builtin
+containers and numpy arrays, so a file from elsewhere cannot run code.
+"""
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from utils.errors import UserError
+from utils.io import atomic_write
+
+FORMAT_VERSION = 1
+GRADIENT_ROOT = "gradients"
+METHODS = ("norm", "original")
+SCORES = ("min", "max", "pred")
+MODEL_KEYS = ("name", "arch", "in_dataset", "num_classes", "checkpoint", "epoch")
+PER_SAMPLE_KEYS = {"total": np.float32, "class": np.int64, "pred": np.int64, "label": np.int64,
+                   "msp": np.float32, "energy": np.float32}
+
+
+def gradient_path(in_dataset: str, name: str, score: str | None, dataset: str,
+                  root: str | Path = GRADIENT_ROOT) -> Path:
+    """Where the gradients of model ``name`` on ``dataset`` live; ``score=None`` is the confounding-label method."""
+    return Path(root) / in_dataset / name / (score or "original") / f"{dataset}.pkl"
+
+
+class GradientFileError(UserError):
+    """A gradients file that is missing, unreadable or not of the expected format."""
+
+
+def check_record(record: dict, source: str = "record") -> dict:
+    """Check a gradients record against the format; raise ``GradientFileError`` naming ``source``."""
+    def fail(reason: str):
+        raise GradientFileError(f"{source} is not a valid gradients file: {reason}")
+
+    if not isinstance(record, dict):
+        fail(f"it holds a {type(record).__name__}, not a dict")
+    if record.get("version") != FORMAT_VERSION:
+        fail(f"format version {record.get('version')!r}, expected {FORMAT_VERSION}")
+    missing = [k for k in ("model", "method", "score", "dataset", "num_samples", "layers", *PER_SAMPLE_KEYS)
+               if k not in record]
+    if missing:
+        fail(f"missing {', '.join(missing)}")
+    if not isinstance(record["model"], dict) or any(k not in record["model"] for k in MODEL_KEYS):
+        fail(f"'model' must be a dict with {', '.join(MODEL_KEYS)}")
+    if record["method"] not in METHODS:
+        fail(f"unknown method {record['method']!r}")
+    if record["method"] == "norm" and record["score"] not in SCORES:
+        fail(f"unknown score {record['score']!r}")
+    n = record["num_samples"]
+    if not isinstance(n, int) or n <= 0:
+        fail(f"num_samples is {n!r}: it holds no samples")
+    if not isinstance(record["layers"], dict) or not record["layers"]:
+        fail("'layers' is empty")
+    arrays = {**{f"layers[{k!r}]": v for k, v in record["layers"].items()},
+              **{k: record[k] for k in PER_SAMPLE_KEYS}}
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray) or value.shape != (n,):
+            fail(f"{key} must be an array of shape ({n},), got {getattr(value, 'shape', type(value).__name__)}")
+        if value.dtype.kind not in "fiu":
+            fail(f"{key} has dtype {value.dtype}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            fail(f"{key} holds {int((~np.isfinite(value)).sum())} NaN or infinite value(s)")
+    return record
+
+
+def save_gradients(record: dict, path: str | Path) -> None:
+    """Check ``record`` and pickle it to ``path`` atomically."""
+    check_record(record, str(path))
+    atomic_write(path, lambda f: pickle.dump(record, f, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits builtin containers and numpy arrays / dtypes / scalars; refuses every other global."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # protocol 2 stores bytes via _codecs
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    }
+    _NUMPY_DTYPES = {"dtype", "Float32DType", "Float64DType", "Int64DType", "Int32DType", "UInt8DType", "BoolDType"}
+
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in self._ALLOWED or (module == "numpy.dtypes" and name in self._NUMPY_DTYPES)
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a gradients file holds only "
+                                         "builtin containers and numpy arrays")
+        return super().find_class(module, name)
+
+
+def load_gradients(path: str | Path) -> dict:
+    """Read a gradients file with the restricted unpickler and check its format.
+
+    A missing file, a pickle that names anything but builtin containers and numpy arrays (it is refused
+    before anything runs), or a record of the wrong shape is a ``GradientFileError`` naming ``path``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GradientFileError(f"gradients file not found: {path}")
+    try:
+        record = _RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
+        raise GradientFileError(f"{path} is not a readable gradients file: {error}") from None
+    return check_record(record, str(path))

@@ -1,0 +1,48 @@
+"""What every script needs at start-up: the device from ``--gpu``, seeding, and clean exits on user errors."""
+import os
+import random
+import sys
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+
+def get_device(gpu: int | str | None) -> torch.device:
+    """``--gpu=N`` → ``cuda:N``; the CPU (with a warning) when CUDA is absent; ``None`` or ``-1`` → CPU."""
+    if gpu is None or str(gpu) in ("", "-1", "cpu"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        warnings.warn(f"--gpu={gpu} was asked for but CUDA is not available; running on the CPU.", stacklevel=2)
+        return torch.device("cpu")
+    index = int(gpu)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--gpu={gpu}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
+    return torch.device(f"cuda:{index}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Run a script's ``main``; a ``UserError`` becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def default_workers() -> int:
+    """DataLoader workers: up to 4, never more than the CPUs this process may use."""
+    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
