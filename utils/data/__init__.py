@@ -1,0 +1,111 @@
+"""Every data set of the project by name: ``get_dataset(name, data_root, train)``.
+
+Items are ``(image, label)``: a float32 tensor of shape 3x32x32 in [0, 1] (models normalise inside
+themselves) and an int, -1 for every OOD and auxiliary set. ``train=False`` is deterministic. Paths are
+relative to the data root (default ``datasets``); ``datasets/README.md`` says what goes where.
+"""
+import inspect
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from torch.utils.data import Dataset
+
+from utils.data import bundled, cifar, folders, svhn, synthetic, tinyimages
+from utils.errors import DataNotFoundError, UserError
+
+IN_DATASETS = ("CIFAR-10", "CIFAR-100", "digits")
+OOD_DATASETS = ("SVHN", "dtd", "places365", "LSUN", "LSUN_resize", "iSUN", "gaussian", "rademacher", "blobs")
+AUX_DATASETS = ("tinyimages", "random300k", "sample_photos")
+
+NUM_CLASSES = {"CIFAR-10": 10, "CIFAR-100": 100, "digits": 10}
+NORMALIZATION = {  # (mean, std) per channel of the training images
+    "CIFAR-10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "CIFAR-100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "digits": bundled.DIGITS_NORMALIZATION,
+}
+
+
+def _digits(data_root: Path, train: bool) -> Dataset:
+    return bundled.Digits(train)
+
+
+def _sample_photos(data_root: Path, train: bool, *, num_samples: int = 10_000, seed: int = 0) -> Dataset:
+    return bundled.SamplePhotoCrops(num_samples, seed, train)
+
+
+def _synthetic(kind: str, data_root: Path, *, num_samples: int = 10_000, seed: int = 0) -> Dataset:
+    return synthetic.Synthetic(kind, num_samples, seed)
+
+
+def _folder(name: str, data_root: Path) -> Dataset:
+    return folders.ImageFiles(folders.folder_images(name, data_root))
+
+
+def _places(data_root: Path) -> Dataset:
+    return folders.ImageFiles(folders.places_images(data_root))
+
+
+@dataclass(frozen=True)
+class _Source:
+    # build(data_root, train, **options) for in-distribution and auxiliary sets, build(data_root, **options)
+    # for OOD test sets; its keyword-only parameters are the options get_dataset accepts.
+    build: Callable[..., Dataset]
+    locate: Callable[[Path], object] | None = None  # raises DataNotFoundError when files are missing
+
+
+_SOURCES: dict[str, _Source] = {
+    "CIFAR-10": _Source(partial(cifar.build, "CIFAR-10"), partial(cifar.locate, "CIFAR-10")),
+    "CIFAR-100": _Source(partial(cifar.build, "CIFAR-100"), partial(cifar.locate, "CIFAR-100")),
+    "digits": _Source(_digits),
+    "SVHN": _Source(svhn.build, svhn.locate),
+    **{name: _Source(partial(_folder, name), partial(folders.folder_images, name)) for name in folders.FOLDERS},
+    "places365": _Source(_places, folders.places_images),
+    **{kind: _Source(partial(_synthetic, kind)) for kind in synthetic.GENERATORS},
+    "tinyimages": _Source(tinyimages.build_tiny, tinyimages.locate_tiny),
+    "random300k": _Source(tinyimages.build_random300k, tinyimages.locate_random300k),
+    "sample_photos": _Source(_sample_photos),
+}
+assert set(_SOURCES) == set(IN_DATASETS + OOD_DATASETS + AUX_DATASETS)
+
+
+def _source(name: str) -> _Source:
+    if name not in _SOURCES:
+        raise UserError(f"unknown data set {name!r}. Known: in-distribution {', '.join(IN_DATASETS)}; "
+                        f"OOD {', '.join(OOD_DATASETS)}; auxiliary {', '.join(AUX_DATASETS)}.")
+    return _SOURCES[name]
+
+
+def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = False, **options) -> Dataset:
+    """The data set ``name`` (one of ``IN_DATASETS``, ``OOD_DATASETS``, ``AUX_DATASETS``) under ``data_root``.
+
+    ``train`` picks the training split and its augmentation for in-distribution sets, and the augmentation
+    for auxiliary sets; OOD sets are test sets only. Options: ``num_samples`` and ``seed`` for
+    ``gaussian``, ``rademacher``, ``blobs`` and ``sample_photos``. A missing file raises
+    ``DataNotFoundError`` (a ``UserError``) that says where the file belongs and where to get it.
+    """
+    source = _source(name)
+    accepted = [parameter.name for parameter in inspect.signature(source.build).parameters.values()
+                if parameter.kind is parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UserError(f"{name} has no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}.")
+    if name in OOD_DATASETS:
+        if train:
+            raise UserError(f"{name} is an OOD test set; it has no training split (train=True).")
+        return source.build(Path(data_root), **options)
+    return source.build(Path(data_root), train, **options)
+
+
+def dataset_available(name: str, data_root: str | Path = "datasets") -> bool:
+    """Whether the files of ``name`` are present (always true for generated and bundled sets). Checks that
+    the files exist, not their contents."""
+    locate = _source(name).locate
+    if locate is None:
+        return True
+    try:
+        locate(Path(data_root))
+    except DataNotFoundError:
+        return False
+    return True

@@ -1,0 +1,51 @@
+"""CIFAR-10 and CIFAR-100 through torchvision, in torchvision's layout under ``<data root>/cifar10`` and
+``<data root>/cifar100`` (the layout of the ATOM / energy_ood scripts)."""
+from pathlib import Path
+
+from torchvision import datasets, transforms
+
+from utils.data.common import train_augmentation
+from utils.errors import DataNotFoundError, UserError
+
+_CLASSES = {"CIFAR-10": (datasets.CIFAR10, "cifar10"), "CIFAR-100": (datasets.CIFAR100, "cifar100")}
+
+
+def _missing_files(name: str, data_root: Path) -> list[Path]:
+    cls, folder = _CLASSES[name]
+    base = data_root / folder / cls.base_folder
+    files = [base / file for file, _ in cls.train_list + cls.test_list] + [base / cls.meta["filename"]]
+    return [file for file in files if not file.is_file()]
+
+
+def _layout(name: str, data_root: Path) -> str:
+    cls, folder = _CLASSES[name]
+    return (f"Download {cls.url} and unpack it in {data_root / folder}, which gives "
+            f"{data_root / folder / cls.base_folder}/ holding "
+            f"{', '.join(file for file, _ in cls.train_list + cls.test_list)} and {cls.meta['filename']}.")
+
+
+def locate(name: str, data_root: Path) -> None:
+    """Raise ``DataNotFoundError`` unless every file torchvision reads is present (no checksums here)."""
+    missing = _missing_files(name, data_root)
+    if missing:
+        raise DataNotFoundError(f"{name}: {missing[0]} not found. {_layout(name, data_root)}")
+
+
+def build(name: str, data_root: Path, train: bool) -> datasets.CIFAR10:
+    """torchvision's ``CIFAR10``/``CIFAR100``; downloaded only when files are missing.
+
+    ``train=True`` augments with RandomCrop(32, padding=4) and RandomHorizontalFlip as in Outlier Exposure;
+    ``train=False`` is ToTensor only. torchvision checks the md5 of every file it reads.
+    """
+    cls, folder = _CLASSES[name]
+    steps = [transforms.ToTensor()] + ([train_augmentation()] if train else [])
+    download = bool(_missing_files(name, data_root))
+    try:
+        return cls(str(data_root / folder), train=train, transform=transforms.Compose(steps), download=download)
+    except (OSError, RuntimeError) as error:
+        if download:
+            raise DataNotFoundError(f"{name}: not found under {data_root / folder} and downloading it failed "
+                                    f"({error}). {_layout(name, data_root)}") from error
+        raise UserError(f"{name}: the files under {data_root / folder / cls.base_folder} failed torchvision's "
+                        f"integrity check ({error}); delete that folder to download them again. "
+                        f"{_layout(name, data_root)}") from error
