@@ -114,6 +114,6 @@ def load_gradients(path: str | Path) -> dict:
         raise GradientFileError(f"gradients file not found: {path}")
     try:
         record = _RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
+    except Exception as error:  # a corrupt or foreign pickle fails in many ways (Overflow-, Memory-, LookupError …)
         raise GradientFileError(f"{path} is not a readable gradients file: {error}") from None
     return check_record(record, str(path))

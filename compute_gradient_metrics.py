@@ -1,0 +1,171 @@
+"""FPR95 / AUROC / AUPR of per-layer gradient norms, ID test set vs OOD test sets.
+
+    python compute_gradient_metrics.py --name=resnet --saved_form=norm_single --score=min --dataset=LSUN
+    python compute_gradient_metrics.py --name=resnet_bce --saved_form=original_single --dataset=all --plot
+
+reads ``<gradient root>/<in-dataset>/<name>/<score or "original">/<in-dataset>.pkl`` (the ID test set) and
+the OOD set's file beside it (``--dataset all``: every other ``*.pkl`` there), prints one table per OOD set
+(and their average) — every tracked layer, ``total``, and the MSP / Energy baselines of the same samples —
+and writes it to ``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip]/<dataset>.json|csv``.
+
+Conventions (``utils/metrics.py``): ID is the positive class and the score is higher for ID: −norm for
+``norm_single`` with ``min``/``pred``, +norm with ``max`` and for ``original_single``; ``--flip`` inverts it.
+"""
+import argparse
+from pathlib import Path
+
+from utils.errors import UserError
+from utils.gradients import GRADIENT_ROOT, SCORES, GradientFileError, gradient_path, load_gradients
+from utils.metrics import (SAVED_FORMS, average_table, baseline_scores, best_and_worst_layers, detection_table,
+                           format_table, gradient_rows, score_sign, write_table)
+from utils.plots import plot_detection
+from utils.runtime import run_script
+
+DEFAULT_IN_DATASET = "CIFAR-10"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="model name, as given to train_*.py and track_*.py")
+    parser.add_argument("--saved_form", "--saved-form", required=True, choices=SAVED_FORMS,
+                        help="norm_single: track_gradient.py's files; original_single: track_gradient_original.py's")
+    parser.add_argument("--score", choices=SCORES,
+                        help="which class's gradient (norm_single only, where it is required)")
+    parser.add_argument("--dataset", default="all", help="OOD set, or 'all' for every tracked one (default: all)")
+    parser.add_argument("--in-dataset", default=DEFAULT_IN_DATASET, help=f"default: {DEFAULT_IN_DATASET}")
+    parser.add_argument("--flip", action="store_true", help="invert the gradient score's sign")
+    parser.add_argument("--plot", action="store_true",
+                        help="save ID-vs-OOD histograms and ROC curves of total and the best and worst layer")
+    parser.add_argument("--gpu", help="accepted for symmetry with the other scripts; metrics run on the CPU")
+    parser.add_argument("--gradient-root", default=GRADIENT_ROOT, help=f"default: {GRADIENT_ROOT}")
+    parser.add_argument("--results-root", default="results", help="default: results")
+    args = parser.parse_args(argv)
+    if args.saved_form == "norm_single" and args.score is None:
+        parser.error("--saved_form=norm_single needs --score=min|max|pred")
+    if args.saved_form == "original_single" and args.score is not None:
+        parser.error("--score does not apply to --saved_form=original_single (one confounding-label gradient "
+                     "per sample); leave it out")
+    if args.dataset == args.in_dataset:
+        parser.error(f"--dataset={args.dataset} is the in-distribution set; name an OOD set or 'all'")
+    return args
+
+
+def track_command(args: argparse.Namespace, dataset: str) -> str:
+    """The command that writes the gradients file of ``dataset`` (and the ID test set's first)."""
+    command = ("python track_gradient_original.py" if args.saved_form == "original_single"
+               else "python track_gradient.py")
+    command += f" --name={args.name} --dataset={dataset}" + (f" --score={args.score}" if args.score else "")
+    if args.in_dataset != DEFAULT_IN_DATASET:
+        command += f" --in-dataset={args.in_dataset}"
+    if args.gradient_root != GRADIENT_ROOT:
+        command += f" --gradient-root={args.gradient_root}"
+    return command
+
+
+def load_record(path: Path, args: argparse.Namespace, dataset: str) -> dict:
+    """Load a gradients file and check that it is the one asked for (model, in-dataset, method, score, set)."""
+    if not path.is_file():
+        if dataset == args.in_dataset:
+            hint = f"`{track_command(args, args.dataset)}`, which tracks the {args.in_dataset} test set first"
+        else:
+            hint = f"`{track_command(args, dataset)}`"
+        raise GradientFileError(f"gradients file not found: {path}; make it with {hint}")
+    record = load_gradients(path)
+    expected = {"model name": (record["model"]["name"], args.name),
+                "in-dataset": (record["model"]["in_dataset"], args.in_dataset),
+                "method": (record["method"], SAVED_FORMS[args.saved_form]),
+                "score": (record["score"], args.score),
+                "dataset": (record["dataset"], dataset)}
+    wrong = [f"{key} {found!r} (expected {wanted!r})" for key, (found, wanted) in expected.items() if found != wanted]
+    if wrong:
+        raise GradientFileError(f"{path} does not hold what its path says: {'; '.join(wrong)}")
+    return record
+
+
+def check_same_model(id_record: dict, id_path: Path, ood_record: dict, ood_path: Path) -> None:
+    """ID and OOD files must come from the same checkpoint and track the same layers, in the same order."""
+    id_model, ood_model = id_record["model"], ood_record["model"]
+    differ = [f"{k}: {id_model.get(k)!r} vs {ood_model.get(k)!r}"
+              for k in sorted(set(id_model) | set(ood_model)) if id_model.get(k) != ood_model.get(k)]
+    if differ:
+        raise GradientFileError(f"{id_path} and {ood_path} come from different models ({'; '.join(differ)}); "
+                                "track both with the same checkpoint")
+    id_layers, ood_layers = list(id_record["layers"]), list(ood_record["layers"])
+    if id_layers != ood_layers:
+        only_id, only_ood = set(id_layers) - set(ood_layers), set(ood_layers) - set(id_layers)
+        detail = (f"only in the ID file: {', '.join(sorted(only_id)) or '-'}; "
+                  f"only in the OOD file: {', '.join(sorted(only_ood)) or '-'}" if only_id or only_ood
+                  else "the same layers in a different order")
+        raise GradientFileError(f"{id_path} and {ood_path} track different layers ({detail})")
+
+
+def ood_datasets(args: argparse.Namespace, folder: Path) -> list[str]:
+    """``--dataset``, or for ``all`` every OOD set tracked in ``folder``, in alphabetical order."""
+    if args.dataset != "all":
+        return [args.dataset]
+    names = sorted((p.stem for p in folder.glob("*.pkl") if p.stem != args.in_dataset), key=str.lower)
+    if not names:
+        raise UserError(f"no OOD gradients files in {folder}; make them with `{track_command(args, 'all')}`")
+    return names
+
+
+def plot_table(table: dict, id_record: dict, ood_record: dict, sign: int, folder: Path) -> list[Path]:
+    """Histogram + ROC figures of ``total`` and of the best and worst layer by AUROC."""
+    best, worst = best_and_worst_layers(table)
+    rows = {r["row"]: r for r in table["rows"]}
+    id_values, ood_values = gradient_rows(id_record), gradient_rows(ood_record)
+    id_baselines, ood_baselines = baseline_scores(id_record), baseline_scores(ood_record)
+    baselines = {name: (id_baselines[name], ood_baselines[name]) for name in id_baselines}
+    roles = {"total": "all tracked layers"}
+    roles.setdefault(best, "best layer by AUROC")
+    roles.setdefault(worst, "worst layer by AUROC")
+    return [plot_detection(
+        folder / f"{table['ood_dataset']}_{row}.png", id_values[row], ood_values[row], sign, rows[row],
+        title=f"{table['model']['name']}: {table['in_dataset']} vs {table['ood_dataset']} — {row} ({role})",
+        value_label="gradient L2 norm of all tracked layers" if row == "total" else f"gradient L2 norm of {row}",
+        score_label=f"score = {'+' if sign > 0 else '−'}norm", in_dataset=table["in_dataset"],
+        ood_dataset=table["ood_dataset"], baselines=baselines)
+        for row, role in roles.items()]
+
+
+def results_folder(args: argparse.Namespace) -> Path:
+    """``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip]``."""
+    form = "-".join([args.saved_form, *([args.score] if args.score else []), *(["flip"] if args.flip else [])])
+    return Path(args.results_root) / args.in_dataset / args.name / form
+
+
+def report(table: dict, written: list[Path]) -> None:
+    print(format_table(table))
+    print("".join(f"wrote {path}\n" for path in written))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    # Load the ID file and every OOD file first, so that a bad file stops the run before anything is written.
+    id_path = gradient_path(args.in_dataset, args.name, args.score, args.in_dataset, args.gradient_root)
+    datasets = ood_datasets(args, id_path.parent)
+    id_record = load_record(id_path, args, args.in_dataset)
+    ood_records = {}
+    for dataset in datasets:
+        path = gradient_path(args.in_dataset, args.name, args.score, dataset, args.gradient_root)
+        ood_records[dataset] = load_record(path, args, dataset)
+        check_same_model(id_record, id_path, ood_records[dataset], path)
+
+    sign = score_sign(args.saved_form, args.score, args.flip)
+    folder = results_folder(args)
+    tables = []
+    for dataset, ood_record in ood_records.items():
+        table = detection_table(id_record, ood_record, args.saved_form, args.score, args.flip)
+        written = write_table(table, folder / dataset)
+        if args.plot:
+            written += plot_table(table, id_record, ood_record, sign, folder)
+        report(table, written)
+        tables.append(table)
+    if args.dataset == "all":
+        average = average_table(tables)
+        report(average, write_table(average, folder / "average"))
+
+
+if __name__ == "__main__":
+    run_script(main)
