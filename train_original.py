@@ -1,0 +1,58 @@
+"""Train a classifier with one sigmoid per class: ``BCEWithLogitsLoss`` against one-hot targets, the
+"original" model whose gradients track_gradient_original.py measures.
+
+Defaults: ResNet-20, 100 epochs, SGD with Nesterov momentum 0.9, weight decay 1e-4, lr 0.1 times 0.1 at
+epochs 50, 75 and 90. The milestones are those fractions of the run (50%, 75%, 90% of --epochs, rounded
+down), so a shorter run keeps the same shape.
+
+    python train_original.py --name=resnet_bce --gpu=0
+    torchrun --nproc_per_node=4 train_original.py --name=resnet_bce   # DistributedDataParallel; batches are global
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import training
+from utils.runtime import run_script
+
+MILESTONES = (0.5, 0.75, 0.9)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training.add_arguments(parser)
+    parser.add_argument("--epochs", type=int, default=100, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=0.1,
+                        help="initial learning rate, ×0.1 after 50%%, 75%% and 90%% of the epochs "
+                             "(default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def bce_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Binary cross-entropy of every class's sigmoid against the one-hot label, averaged over classes and
+    samples. Returns the loss, the logits and no extra statistics."""
+    x, y = batch
+    logits = model(x).float()
+    return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, logits.shape[1]).float()), logits, {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with training.start(args, loss="bce") as run:
+        train_set, test_set = run.datasets()
+        model = run.model()
+
+        loader = run.loader(train_set, args.batch_size)
+        optimizer = training.sgd(model, args.lr, args.weight_decay)
+        milestones = [int(fraction * args.epochs) for fraction in MILESTONES]
+        scheduler = training.step_schedule(optimizer, milestones, steps_per_epoch=len(loader))
+
+        run.fit(model, optimizer, scheduler, [loader], bce_loss, test_set)
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,442 @@
+"""What ``train_energy.py`` and ``train_original.py`` share: the arguments, data loaders, model, SGD and its
+schedules, the epoch loop, evaluation, logging, checkpoints and exact resumption. The scripts add their
+loss (a ``LossFn``) and their defaults.
+
+A run writes ``<checkpoint-root>/<in-dataset>/<name>/`` (layout in ``utils.checkpoints``): ``epoch_<N>.pt``
+every epoch, ``last.pt`` with the optimizer, scheduler, AMP-scaler and RNG states of every process,
+``meta.json``, and ``log.csv`` with one row per epoch (``epoch``, ``lr`` at the epoch's start, mean
+``loss``, ``train_acc`` and ``test_acc`` in %, the loss's own statistics such as ``energy_in``, and
+``seconds``). The log is kept inside ``last.pt`` too, so after ``--resume`` it holds exactly the epochs
+that the weights have seen.
+
+Several processes (``torchrun --nproc_per_node=N``) train with DistributedDataParallel. Batch sizes are
+**global**: each process takes ``batch_size / N`` of every batch, so a run's hyperparameters mean the same
+thing on any number of processes. Which images each step sees is a function of ``(seed, epoch)`` alone:
+the N processes' shares of a batch are together exactly the images one process would draw with the same
+arguments (their random augmentations differ).
+"""
+import argparse
+import csv
+import io
+import math
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from tqdm import tqdm
+
+import models
+from utils import distributed
+from utils.checkpoints import (CHECKPOINT_ROOT, TRAIN_COMMANDS, build_model, checkpoint_dir, load_checkpoint,
+                               save_checkpoint, unwrap)
+from utils.data import IN_DATASETS, NORMALIZATION, NUM_CLASSES, get_dataset
+from utils.errors import UserError
+from utils.io import atomic_write
+from utils.runtime import default_workers, get_device, seed_everything
+
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+"""``loss_fn(model, (x_in, y), *other_batches) -> (loss, logits_in, statistics)``: the loss to minimise,
+the logits of the in-distribution images (for the training accuracy) and per-sample statistics to
+average over the epoch and log (e.g. ``{"energy_in": E(x_in)}``)."""
+
+# Arguments that may change between a run and its --resume: where things are, not what is trained.
+OPERATIONAL_ARGS = ("gpu", "workers", "data_root", "checkpoint_root", "resume", "overwrite", "amp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both training scripts take (each script adds ``--epochs``, ``--lr``, ``--weight-decay``
+    and its loss's options)."""
+    parser.add_argument("--name", required=True,
+                        help="run name: checkpoints go to <checkpoint-root>/<in-dataset>/<name>/")
+    parser.add_argument("--model-arch", default="resnet20", choices=models.ARCHS, help="(default: %(default)s)")
+    parser.add_argument("--in-dataset", default="CIFAR-10", choices=IN_DATASETS, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="in-distribution batch size, global: split evenly over torchrun's processes "
+                             "(default: %(default)s)")
+    parser.add_argument("--data-root", default="datasets", help="(default: %(default)s)")
+    parser.add_argument("--checkpoint-root", default=CHECKPOINT_ROOT, help="(default: %(default)s)")
+    parser.add_argument("--gpu", default="0",
+                        help="CUDA device; the CPU, with a warning, when CUDA is absent; -1 for the CPU. Under "
+                             "torchrun each process uses cuda:LOCAL_RANK (default: %(default)s)")
+    parser.add_argument("--workers", type=int,
+                        help=f"data-loading processes per loader (default: {default_workers()} on CUDA, 0 on the "
+                             f"CPU, where workers would compete with training for the same cores)")
+    parser.add_argument("--seed", type=int, default=1, help="(default: %(default)s)")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="smoke runs: use only the first N training and the first N test images")
+    parser.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
+                        help="mixed precision on CUDA (autocast; fp16 adds loss scaling); the CPU always "
+                             "trains in float32 (default: %(default)s)")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA "
+                             "only); by default each process normalises with its own share of the batch")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run from its last.pt, exactly as if it had not stopped; the other "
+                            "arguments must be the run's own (only --gpu, --workers, --data-root, "
+                            "--checkpoint-root and --amp may change)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="delete the run's earlier checkpoints and logs and start over")
+
+
+def sgd(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with Nesterov momentum 0.9 on every parameter, as in Outlier Exposure and energy_ood."""
+    return torch.optim.SGD(model.parameters(), lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, lr_min: float = 1e-6) -> LambdaLR:
+    """energy_ood's per-step cosine annealing from the initial ``lr`` down to ``lr_min`` at ``total_steps``:
+    ``lr_t = lr_min + (lr - lr_min) · ½ (1 + cos(π t / total_steps))`` (Loshchilov & Hutter, SGDR, ICLR 2017)."""
+    lr = optimizer.param_groups[0]["lr"]
+    def factor(step: int) -> float:
+        return (lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * step / total_steps))) / lr
+
+    return LambdaLR(optimizer, factor)
+
+
+def step_schedule(optimizer: torch.optim.Optimizer, milestones: Sequence[int], steps_per_epoch: int,
+                  gamma: float = 0.1) -> LambdaLR:
+    """The learning rate times ``gamma`` from each epoch in ``milestones`` (0-based: the first epoch that
+    trains with the lower rate) on; stepped per optimizer step like ``cosine_schedule``."""
+    return LambdaLR(optimizer, lambda step: gamma ** sum(step >= m * steps_per_epoch for m in milestones))
+
+
+class RandomStreamSampler(Sampler[int]):
+    """Indices drawn uniformly with replacement from ``range(size)``, a fresh stream every epoch.
+
+    Per epoch it draws ``world_size * num_samples`` indices from a generator seeded with ``(seed, epoch)``;
+    process ``rank`` takes every ``world_size``-th of them, starting at ``rank``. The processes' streams are
+    disjoint parts of one global stream, so ``world_size`` processes with batch ``b`` draw exactly the
+    batches of one process with batch ``world_size · b``. Drawing with replacement costs nothing up front,
+    even for the 79M images of 80M Tiny Images.
+    """
+
+    def __init__(self, size: int, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.num_samples, self.seed = size, num_samples, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = np.random.default_rng([self.seed, self.epoch])
+        stream = generator.integers(self.size, size=self.num_samples * self.world_size)
+        return iter(stream[self.rank::self.world_size].tolist())
+
+
+@dataclass
+class Run:
+    """One training run in this process: its arguments, place in the job, device and checkpoint folder."""
+    args: argparse.Namespace
+    loss: str  # "energy" | "bce", recorded in the checkpoint
+    dist: distributed.Context
+    device: torch.device
+    directory: Path
+    checkpoint: dict | None  # the run's last.pt when resuming
+    meta: dict = field(default_factory=dict)  # filled in by model()
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        if self.device.type != "cuda" or self.args.amp == "off":
+            return None
+        return torch.bfloat16 if self.args.amp == "bf16" else torch.float16
+
+    @property
+    def workers(self) -> int:
+        if self.args.workers is not None:
+            return self.args.workers
+        return default_workers() if self.device.type == "cuda" else 0
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.device.type == "cuda" else torch.preserve_format
+
+    def print(self, *values: Any) -> None:
+        if self.is_main:
+            print(*values, flush=True)
+
+    def datasets(self) -> tuple[Dataset, Dataset]:
+        """The in-distribution training set (augmented) and test set, each cut to ``--limit``."""
+        args = self.args
+        train_set = get_dataset(args.in_dataset, args.data_root, train=True)
+        test_set = get_dataset(args.in_dataset, args.data_root, train=False)
+        if args.limit:
+            train_set = Subset(train_set, range(min(args.limit, len(train_set))))
+            test_set = Subset(test_set, range(min(args.limit, len(test_set))))
+        return train_set, test_set
+
+    def model(self, pretrained: str | None = None) -> nn.Module:
+        """The model to train on this run's device: a fresh ``--model-arch`` for ``--in-dataset``, the
+        checkpoint file ``pretrained``, or the run's own architecture when resuming; wrapped in
+        DistributedDataParallel under torchrun."""
+        args = self.args
+        if self.checkpoint:  # resuming: fit() loads the weights from last.pt
+            spec = self.checkpoint["meta"]
+            net = build_model(spec)
+        elif pretrained:
+            checkpoint = load_checkpoint(pretrained)
+            spec = checkpoint["meta"]
+            if (spec["in_dataset"], spec["arch"]) != (args.in_dataset, args.model_arch):
+                raise UserError(f"--pretrained {pretrained} is a {spec['arch']} trained on {spec['in_dataset']}; "
+                                f"pass --in-dataset={spec['in_dataset']} --model-arch={spec['arch']} to fine-tune it.")
+            net = build_model(spec)
+            net.load_state_dict(checkpoint["state_dict"])
+        else:
+            mean, std = NORMALIZATION[args.in_dataset]
+            spec = {"arch": args.model_arch, "num_classes": NUM_CLASSES[args.in_dataset],
+                    "mean": list(mean), "std": list(std), "arch_kwargs": {}}
+            net = build_model(spec)
+        self.meta = {"name": args.name, "arch": spec["arch"], "in_dataset": args.in_dataset,
+                     "num_classes": spec["num_classes"], "mean": list(spec["mean"]), "std": list(spec["std"]),
+                     "arch_kwargs": dict(spec.get("arch_kwargs", {})), "loss": self.loss, "args": dict(vars(args))}
+        net = net.to(self.device, memory_format=self.memory_format)
+        if not self.dist.enabled:
+            return net
+        if args.sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # DDP copies rank 0's weights to every process, so all start from the same model.
+        return DistributedDataParallel(net, device_ids=[self.device] if self.device.type == "cuda" else None)
+
+    def loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        """Shuffled batches of ``dataset``, this process's share (``batch_size`` is global)."""
+        # DistributedSampler for one process too: a permutation seeded by (seed, epoch) alone.
+        sampler = DistributedSampler(dataset, self.dist.world_size, self.dist.rank, seed=self.args.seed)
+        return DataLoader(dataset, batch_size // self.dist.world_size, sampler=sampler,
+                          num_workers=self.workers, pin_memory=self.device.type == "cuda")
+
+    def outlier_loader(self, dataset: Dataset, batch_size: int, steps: int) -> DataLoader:
+        """``steps`` batches per epoch of auxiliary images sampled at random (``RandomStreamSampler``), this
+        process's share (``batch_size`` is global)."""
+        local = batch_size // self.dist.world_size
+        sampler = RandomStreamSampler(len(dataset), steps * local, self.args.seed, self.dist.rank,
+                                      self.dist.world_size)
+        return DataLoader(dataset, local, sampler=sampler, num_workers=self.workers,
+                          pin_memory=self.device.type == "cuda")
+
+    def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+            loaders: Sequence[DataLoader], loss_fn: LossFn, test_set: Dataset) -> None:
+        """Train for ``--epochs`` epochs (from where ``last.pt`` left off with ``--resume``): each step takes
+        one batch from every loader (in-distribution first), minimises ``loss_fn``, and steps ``scheduler``;
+        each epoch ends with the test accuracy, a log line and a checkpoint."""
+        args = self.args
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        start_epoch, history = self._restore(model, optimizer, scheduler, scaler) if self.checkpoint else (0, [])
+        if start_epoch >= args.epochs:
+            self.print(f"{self.directory} has already trained all {args.epochs} epochs; nothing to do.")
+            return
+        test_loader = DataLoader(Subset(test_set, range(self.dist.rank, len(test_set), self.dist.world_size)),
+                                 args.batch_size, num_workers=self.workers)
+        self.print(f"{args.name}: {self.meta['arch']} on {args.in_dataset} ({len(loaders[0].dataset)} training, "
+                   f"{len(test_set)} test images), {self.loss} loss, epochs {start_epoch + 1}-{args.epochs}, "
+                   f"{self.dist.world_size} process(es) on {self.device.type}; checkpoints in {self.directory}")
+
+        for epoch in range(start_epoch, args.epochs):
+            started, lr = time.time(), optimizer.param_groups[0]["lr"]
+            for loader in loaders:
+                loader.sampler.set_epoch(epoch)
+            model.train()
+            means = _Means(self.device)
+            progress = tqdm(zip(*loaders), total=len(loaders[0]), desc=f"epoch {epoch + 1}/{args.epochs}",
+                            disable=not self.is_main, leave=False, dynamic_ncols=True)
+            for step, batches in enumerate(progress):
+                batches = [self._to_device(batch) for batch in batches]
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss, logits_in, statistics = loss_fn(model, *batches)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+
+                labels = batches[0][1]
+                means.add("loss", loss.detach() * len(labels), len(labels))
+                means.add("train_acc", 100 * (logits_in.argmax(1) == labels).sum(), len(labels))
+                for key, values in statistics.items():
+                    means.add(key, values.detach().float().sum(), values.numel())
+                if step % 20 == 0 and self.is_main:
+                    progress.set_postfix(loss=f"{loss.item():.4f}")
+            progress.close()
+
+            row = {"epoch": epoch + 1, "lr": lr, **means.reduce(), "test_acc": self.evaluate(model, test_loader)}
+            row["seconds"] = time.time() - started
+            history.append(row)
+            self.print(f"epoch {epoch + 1}/{args.epochs}  " + "  ".join(
+                f"{key} {value:.4g}" for key, value in row.items() if key != "epoch"))
+            self._save(model, optimizer, scheduler, scaler, history)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> float:
+        """Accuracy (%) on the test images, each process scoring its share."""
+        net = unwrap(model).eval()
+        accuracy = _Means(self.device)
+        for batch in loader:
+            images, labels = self._to_device(batch)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                logits = net(images)
+            accuracy.add("test_acc", 100 * (logits.argmax(1) == labels).sum(), len(labels))
+        return accuracy.reduce()["test_acc"]
+
+    def _to_device(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        return (images.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                labels.to(self.device, non_blocking=True))
+
+    def _save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+              scaler: torch.amp.GradScaler, history: list[dict]) -> None:
+        rng_states = distributed.all_gather_object(_rng_state(self.device))
+        if not self.is_main:
+            return
+        meta = {**self.meta, "epoch": history[-1]["epoch"]}
+        train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "scaler": scaler.state_dict(), "rng": rng_states, "history": history}
+        save_checkpoint(self.directory, model, meta, train_state)
+        _write_log(self.directory / "log.csv", history)
+
+    def _restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+                 scaler: torch.amp.GradScaler) -> tuple[int, list[dict]]:
+        """Load ``last.pt`` into the model and training state; returns (epochs done, log so far)."""
+        checkpoint, epoch = self.checkpoint, self.checkpoint["meta"]["epoch"]
+        unwrap(model).load_state_dict(checkpoint["state_dict"])
+        state = checkpoint["train_state"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler.is_enabled() and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        if len(state["rng"]) == self.dist.world_size:
+            _set_rng_state(state["rng"][self.dist.rank], self.device)
+        else:
+            self.print(f"note: resuming a {len(state['rng'])}-process run on {self.dist.world_size} process(es); "
+                       f"the random streams from here on differ from an uninterrupted run.")
+            seed_everything(self.args.seed + 1000 * epoch + self.dist.rank)
+        self.print(f"resuming {self.directory / 'last.pt'} after epoch {epoch}")
+        return epoch, list(state["history"])
+
+
+@contextmanager
+def start(args: argparse.Namespace, loss: str) -> Iterator[Run]:
+    """Set up a run: join torchrun's process group if there is one, pick the device, check the checkpoint
+    folder (refusing to overwrite a trained model unless ``--resume`` or ``--overwrite``) and seed."""
+    context = distributed.launched_context()
+    device = get_device(args.gpu)
+    if context.enabled and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
+    _check_arguments(args, context, device)
+    with distributed.process_group(context, device):
+        directory = checkpoint_dir(args.in_dataset, args.name, args.checkpoint_root)
+        checkpoint = _prepare_directory(directory, args, loss, context)
+        seed_everything(args.seed + context.rank)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        yield Run(args, loss, context, device, directory, checkpoint)
+
+
+def _check_arguments(args: argparse.Namespace, context: distributed.Context, device: torch.device) -> None:
+    for option in ("epochs", "batch_size", "oe_batch_size", "limit"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{option.replace('_', '-')} must be positive, got {value}.")
+    for option in ("batch_size", "oe_batch_size"):
+        value = getattr(args, option, None)
+        if value is not None and value % context.world_size:
+            raise UserError(f"--{option.replace('_', '-')}={value} is the global batch and must split evenly "
+                            f"over the {context.world_size} processes.")
+    if args.sync_bn and context.enabled and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (SyncBatchNorm has no CPU implementation); drop it on the CPU.")
+    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp=fp16 or --amp=off.")
+
+
+def _prepare_directory(directory: Path, args: argparse.Namespace, loss: str,
+                       context: distributed.Context) -> dict | None:
+    """Check the checkpoint folder against ``--resume``/``--overwrite``; returns ``last.pt`` when resuming."""
+    last = directory / "last.pt"
+    trained = sorted(p.name for p in directory.glob("epoch_*.pt")) + (["last.pt"] if last.is_file() else [])
+    if args.resume:
+        if not last.is_file():
+            raise UserError(f"nothing to resume: {last} does not exist; start the run without --resume.")
+        checkpoint = load_checkpoint(last)
+        _check_same_run(checkpoint["meta"], args, loss, last)
+        return checkpoint
+    if trained and not args.overwrite:
+        raise UserError(f"{directory} already holds a trained model ({', '.join(trained[-3:])}); continue it "
+                        f"with --resume or start over with --overwrite.")
+    if trained and context.is_main:
+        for name in trained + ["meta.json", "log.csv"]:
+            (directory / name).unlink(missing_ok=True)
+    return None
+
+
+def _check_same_run(meta: dict, args: argparse.Namespace, loss: str, path: Path) -> None:
+    if meta.get("loss") != loss:
+        raise UserError(f"{path} was trained with the {meta.get('loss')} loss; resume it with "
+                        f"{TRAIN_COMMANDS.get(meta.get('loss'), 'its own script')}.")
+    saved, given = meta.get("args", {}), vars(args)
+    differences = [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the run, {given.get(key)!r} now"
+                   for key in sorted(set(saved) | set(given))
+                   if key not in OPERATIONAL_ARGS and saved.get(key) != given.get(key)]
+    if differences:
+        raise UserError(f"--resume continues {path} with its own arguments (see meta.json next to it), but these "
+                        f"differ: {'; '.join(differences)}. Repeat the run's arguments, or start a new run.")
+
+
+class _Means:
+    """Running sums of per-sample statistics, kept on the device (no synchronisation per step)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.totals, self.counts = device, {}, {}
+
+    def add(self, key: str, total: torch.Tensor, count: int) -> None:
+        self.totals[key] = self.totals.get(key, 0) + total.to(torch.float64)
+        self.counts[key] = self.counts.get(key, 0) + count
+
+    def reduce(self) -> dict[str, float]:
+        """The mean of every statistic over all processes."""
+        keys = list(self.totals)
+        counts = torch.tensor([float(self.counts[key]) for key in keys], dtype=torch.float64, device=self.device)
+        totals = torch.stack([self.totals[key] for key in keys])
+        totals, counts = distributed.all_reduce_sum(torch.stack([totals, counts])).tolist()
+        return {key: total / count for key, total, count in zip(keys, totals, counts)}
+
+
+def _rng_state(device: torch.device) -> dict:
+    """Python's, NumPy's and torch's random states in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
