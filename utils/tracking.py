@@ -1,0 +1,222 @@
+"""Gradient tracking from the command line: what ``track_gradient.py`` and ``track_gradient_original.py`` share.
+
+For each data set asked for, every sample's gradient norms (``utils.gradients.gradient_norms``) and the
+model's output baselines go to ``gradient_path(in_dataset, name, score, dataset)`` as one record. The
+in-distribution test set is tracked first when its file is missing or belongs to another checkpoint or
+``--limit``, so that the metrics script has both sides.
+
+``--shard i/n`` tracks the i-th of n contiguous parts of each data set into ``<dataset>.shard<i>of<n>.pkl``;
+the process that writes the last missing part merges them into ``<dataset>.pkl`` and removes the parts.
+Parts are cut at batch boundaries, so every sample is computed in the same batch as in a single run and
+the merged file equals a single-process run's. A failed part is rerun alone with the same command.
+"""
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from models import ARCHS
+from utils.checkpoints import CHECKPOINT_ROOT, load_model
+from utils.data import IN_DATASETS, OOD_DATASETS, dataset_available, get_dataset
+from utils.energy import energy_score
+from utils.errors import UserError
+from utils.gradients import (FORMAT_VERSION, GRADIENT_ROOT, MODEL_KEYS, SCORES, GradientFileError, gradient_norms,
+                             gradient_path, load_gradients, rows_per_sample, save_gradients)
+from utils.runtime import default_workers, get_device
+
+ARRAY_KEYS = ("total", "class", "pred", "label", "msp", "energy")
+
+
+def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
+    """The options of both tracking scripts; ``--score`` only where the loss has a label to choose."""
+    parser.add_argument("--name", required=True, help="the run name the model was trained under")
+    parser.add_argument("--dataset", required=True,
+                        help=f"the data set to track: one of {', '.join(IN_DATASETS + OOD_DATASETS)}, or 'all' "
+                             "for every OOD set whose data is present")
+    if with_score:
+        parser.add_argument("--score", choices=SCORES, default="min",
+                            help="which of the K cross-entropy gradients (one per label) to keep: the smallest "
+                                 "or largest in norm, or the predicted label's (default: %(default)s)")
+    parser.add_argument("--in-dataset", default="CIFAR-10", choices=IN_DATASETS, help="(default: %(default)s)")
+    parser.add_argument("--epoch", type=int, help="the checkpoint's epoch (default: the last)")
+    parser.add_argument("--model-arch", choices=ARCHS,
+                        help="the architecture expected; an error if the checkpoint holds another")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="gradients back-propagated at once, which bounds memory: an image costs K of them "
+                             "for --score=min/max (one per class), one otherwise (default: %(default)s)")
+    parser.add_argument("--limit", type=int, metavar="N", help="track only the first N samples of each set")
+    parser.add_argument("--shard", metavar="I/N", type=_shard,
+                        help="track only the I-th of N parts of each set (0 <= I < N); the last part to finish "
+                             "merges them")
+    parser.add_argument("--data-root", default="datasets", help="(default: %(default)s)")
+    parser.add_argument("--checkpoint-root", default=CHECKPOINT_ROOT, help="(default: %(default)s)")
+    parser.add_argument("--gradient-root", default=GRADIENT_ROOT, help="(default: %(default)s)")
+    parser.add_argument("--gpu", default="0",
+                        help="CUDA device; the CPU, with a warning, when CUDA is absent; -1 for the CPU "
+                             "(default: %(default)s)")
+    parser.add_argument("--workers", type=int,
+                        help=f"data-loading processes (default: {default_workers()} on CUDA, 0 on the CPU)")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/4, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"need 0 <= I < N, got {text!r}")
+    return index, count
+
+
+@dataclass(frozen=True)
+class Part:
+    """Samples [start, stop) of the first ``num_samples`` of a data set: all of them, or shard ``index``
+    of ``count`` (cut at multiples of ``images_per_batch``)."""
+    num_samples: int
+    images_per_batch: int
+    start: int
+    stop: int
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def of(cls, num_samples: int, images_per_batch: int, shard: tuple[int, int] | None) -> "Part":
+        index, count = shard or (0, 1)
+        batches = math.ceil(num_samples / images_per_batch)
+        start, stop = (min(b * batches // count * images_per_batch, num_samples) for b in (index, index + 1))
+        return cls(num_samples, images_per_batch, start, stop, index, count)
+
+    def siblings(self) -> list["Part"]:
+        return [Part.of(self.num_samples, self.images_per_batch, (i, self.count)) for i in range(self.count)]
+
+    def path(self, final: Path) -> Path:
+        """Where this part's record goes: the final file itself for an unsharded run."""
+        return final if self.count == 1 else final.with_name(f"{final.stem}.shard{self.index}of{self.count}.pkl")
+
+    def describe(self) -> dict:
+        return {"index": self.index, "count": self.count, "start": self.start, "stop": self.stop,
+                "of": self.num_samples, "images_per_batch": self.images_per_batch}
+
+
+def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: str, score: str | None,
+          part: Part, device: torch.device, workers: int) -> dict:
+    """The gradients record of samples [part.start, part.stop) of ``dataset`` (the format of ``utils.gradients``)."""
+    loader = DataLoader(Subset(dataset, range(part.start, part.stop)), batch_size=part.images_per_batch,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    columns: dict[str, list[np.ndarray]] = {}
+
+    def add(key: str, values: torch.Tensor) -> None:
+        columns.setdefault(key, []).append(values.cpu().numpy())
+
+    progress = tqdm(total=part.stop - part.start, unit="img", dynamic_ncols=True,
+                    desc=f"{dataset_name} ({score or 'original'})")
+    for images, labels in loader:
+        out = gradient_norms(model, images.to(device, non_blocking=True), score)
+        for name, norms in out.layers.items():
+            add(f"layers/{name}", norms.float())
+        add("total", out.total.float())
+        add("class", out.chosen)
+        add("pred", out.logits.argmax(1))
+        add("label", labels)
+        add("msp", out.logits.softmax(1).amax(1).float())
+        add("energy", energy_score(out.logits).float())
+        progress.update(len(images))
+    progress.close()
+    arrays = {key: np.concatenate(chunks) for key, chunks in columns.items()}
+    dtypes = {"class": np.int64, "pred": np.int64, "label": np.int64}
+    return {"version": FORMAT_VERSION, "model": model_info,
+            "method": "original" if score is None else "norm", "score": score,
+            "dataset": dataset_name, "num_samples": part.stop - part.start,
+            "layers": {key.removeprefix("layers/"): value for key, value in arrays.items()
+                       if key.startswith("layers/")},
+            **{key: arrays[key].astype(dtypes.get(key, np.float32)) for key in ARRAY_KEYS}}
+
+
+def _is_current(path: Path, model_info: dict, num_samples: int, shard: dict | None = None) -> bool:
+    """Whether ``path`` holds a readable record of this model with ``num_samples`` samples (and this shard)."""
+    try:
+        record = load_gradients(path)
+    except GradientFileError:
+        return False
+    return record["model"] == model_info and record["num_samples"] == num_samples and record.get("shard") == shard
+
+
+def merge(part: Part, final: Path) -> bool:
+    """Concatenate the shard files of ``part``'s siblings into ``final`` in sample order and remove them.
+
+    Returns False, leaving everything in place, while a shard is missing (or another process has merged).
+    """
+    parts = [p for p in part.siblings() if p.stop > p.start]
+    if not all(p.path(final).is_file() for p in parts):
+        return False
+    try:
+        records = [load_gradients(p.path(final)) for p in parts]
+    except GradientFileError:  # removed by a process merging at the same moment
+        return False
+    for p, record in zip(parts, records):
+        if record.get("shard") != p.describe() or record["model"] != records[0]["model"]:
+            raise UserError(f"{p.path(final)} is not part {p.index} of the same run ({p.describe()}, "
+                            f"model {records[0]['model']}); remove it and rerun that shard.")
+    merged = {key: value for key, value in records[0].items() if key != "shard"}
+    merged["num_samples"] = part.num_samples
+    merged["layers"] = {name: np.concatenate([r["layers"][name] for r in records]) for name in merged["layers"]}
+    merged.update({key: np.concatenate([r[key] for r in records]) for key in ARRAY_KEYS})
+    save_gradients(merged, final)
+    for p in parts:
+        p.path(final).unlink(missing_ok=True)
+    return True
+
+
+def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, dataset: Dataset, score: str | None,
+                   args: argparse.Namespace, device: torch.device, workers: int, only_if_stale: bool) -> None:
+    """Track this process's part of ``dataset`` and save the record; merge once all parts exist.
+
+    With ``only_if_stale`` nothing is tracked if the file (or this part's file) is already current.
+    """
+    final = gradient_path(model_info["in_dataset"], model_info["name"], score, dataset_name, args.gradient_root)
+    num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    part = Part.of(num_samples, max(1, args.batch_size // rows_per_sample(score, model_info["num_classes"])),
+                   args.shard)
+    if only_if_stale and _is_current(final, model_info, num_samples):
+        print(f"{final} is up to date ({num_samples} samples)")
+        return
+    path = part.path(final)
+    if part.stop == part.start:
+        print(f"{dataset_name}: shard {part.index}/{part.count} is empty ({num_samples} samples)")
+    elif not (only_if_stale and _is_current(path, model_info, part.stop - part.start,
+                                            part.describe() if part.count > 1 else None)):
+        record = track(model, model_info, dataset, dataset_name, score, part, device, workers)
+        if part.count > 1:
+            record["shard"] = part.describe()
+        save_gradients(record, path)
+        print(f"saved {path} ({record['num_samples']} samples)")
+    if part.count > 1 and merge(part, final):
+        print(f"merged {part.count} shards into {final}")
+
+
+def main(args: argparse.Namespace, score: str | None) -> None:
+    """Track ``args.dataset`` (or every available OOD set) with ``score`` (None: the confounding label),
+    after the in-distribution test set if its file is missing or stale."""
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError("--batch-size and --limit must be positive.")
+    device = get_device(args.gpu)
+    workers = args.workers if args.workers is not None else (default_workers() if device.type == "cuda" else 0)
+    model, meta = load_model(args.in_dataset, args.name, args.epoch, device, args.checkpoint_root, args.model_arch)
+    model_info = {key: meta[key] for key in MODEL_KEYS}
+    if args.dataset == "all":
+        names = [name for name in OOD_DATASETS if dataset_available(name, args.data_root)]
+        missing = [name for name in OOD_DATASETS if name not in names]
+        if missing:
+            print(f"--dataset=all: no data under {args.data_root} for {', '.join(missing)}; skipping them")
+    else:
+        names = [args.dataset]
+    datasets = {name: get_dataset(name, args.data_root) for name in [args.in_dataset, *names]}
+    for name, dataset in datasets.items():
+        track_and_save(model, model_info, name, dataset, score, args, device, workers,
+                       only_if_stale=name == args.in_dataset)
