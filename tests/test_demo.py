@@ -1,0 +1,68 @@
+"""The demo end to end (``demo.py --quick``): real scripts, bundled data, numbers that mean something.
+
+Slow for a test (about two minutes on two CPU cores): it trains three small models. The checks are
+"better than chance", never equality with a constant.
+"""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils.gradients import gradient_path, load_gradients
+
+ROOT = Path(__file__).resolve().parents[1]
+OOD_SETS = ("blobs", "gaussian", "rademacher")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    result = subprocess.run([sys.executable, "demo.py", "--quick", f"--out={out}"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (out / "stdout.txt").write_text(result.stdout)
+    return out
+
+
+def last_epoch(demo: Path, name: str) -> dict:
+    with open(demo / "checkpoints" / "digits" / name / "log.csv") as f:
+        return {k: float(v) for k, v in list(csv.DictReader(f))[-1].items()}
+
+
+def table(demo: Path, name: str, form: str, dataset: str) -> dict:
+    rows = json.loads((demo / "results" / "digits" / name / form / f"{dataset}.json").read_text())["rows"]
+    return {row["row"]: row for row in rows}
+
+
+def test_classifiers_beat_chance_on_digits(demo):
+    for name in ("ce", "energy", "bce"):
+        assert last_epoch(demo, name)["test_acc"] > 40, name  # chance: 10 %
+
+
+def test_energy_training_separates_inlier_and_outlier_energies(demo):
+    log = last_epoch(demo, "energy")
+    assert log["energy_in"] < log["energy_out"] - 5
+    assert table(demo, "energy", "norm_single-min", "average")["Energy"]["AUROC"] > 80
+
+
+def test_gradient_files_cover_every_set_with_the_limit(demo):
+    for score in ("min", None):
+        name = "energy" if score else "bce"
+        for dataset in ("digits", *OOD_SETS):
+            record = load_gradients(gradient_path("digits", name, score, dataset, demo / "gradients"))
+            assert record["num_samples"] == 200 and len(record["layers"]) == 20
+
+
+def test_gradient_norms_tell_in_from_out_distribution(demo):
+    for name, form in (("energy", "norm_single-min"), ("bce", "original_single")):
+        aurocs = [table(demo, name, form, dataset)["total"]["AUROC"] for dataset in OOD_SETS]
+        assert max(abs(auroc - 50) for auroc in aurocs) > 10, (name, aurocs)
+
+
+def test_tables_are_printed(demo):
+    stdout = (demo / "stdout.txt").read_text()
+    assert stdout.count("vs the average over 3 OOD sets") == 2
+    assert "demo finished" in stdout
