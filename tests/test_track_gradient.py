@@ -13,7 +13,7 @@ import track_gradient
 import track_gradient_original
 from utils.checkpoints import save_checkpoint
 from utils.data import NORMALIZATION, get_dataset
-from utils.gradients import MODEL_KEYS, gradient_norms, gradient_path, load_gradients
+from utils.gradients import CHECKPOINT_HASH_KEY, MODEL_KEYS, gradient_norms, gradient_path, load_gradients
 from utils.runtime import run_script
 from utils.tracking import Part
 
@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = ("gaussian", "rademacher", "blobs")
 
 
-def make_checkpoint(root: Path, name: str, arch: str = "resnet20", in_dataset: str = "digits") -> torch.nn.Module:
-    torch.manual_seed(0)
+def make_checkpoint(root: Path, name: str, arch: str = "resnet20", in_dataset: str = "digits",
+                    seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     mean, std = NORMALIZATION["digits"]
     model = models.get_model(arch, 10, mean, std)
     save_checkpoint(root / "digits" / name, model,
@@ -53,7 +54,7 @@ def test_tracks_the_ood_set_and_first_the_in_distribution_set(roots):
     for dataset in ("digits", "rademacher"):
         record = load(roots, "net", "max", dataset)
         assert (record["method"], record["score"], record["dataset"], record["num_samples"]) == ("norm", "max", dataset, 7)
-        assert list(record["model"]) == list(MODEL_KEYS)
+        assert list(record["model"]) == [*MODEL_KEYS, CHECKPOINT_HASH_KEY]
         assert record["model"]["arch"] == "resnet20" and record["model"]["epoch"] == 1
         assert list(record["layers"]) == list(models.tracked_parameters(model))
         assert all(v.dtype == np.float32 for v in [*record["layers"].values(), record["total"], record["msp"]])
@@ -97,6 +98,11 @@ def test_the_in_distribution_file_is_reused_only_while_current(roots):
     assert id_file.stat().st_mtime_ns == written
     run(track_gradient, roots, *args, "--dataset=blobs", "--limit=5")
     assert load(roots, "net", "pred", "digits")["num_samples"] == 5
+    written = id_file.stat().st_mtime_ns
+    make_checkpoint(roots["checkpoint"], "net", seed=1)  # retrained: same name, same epoch, other weights
+    run(track_gradient, roots, *args, "--dataset=blobs", "--limit=5")
+    assert id_file.stat().st_mtime_ns != written
+    assert load(roots, "net", "pred", "digits")["model"] == load(roots, "net", "pred", "blobs")["model"]
 
 
 def exit_message(script, roots: dict, capsys, *args: str) -> str:

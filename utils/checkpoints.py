@@ -8,6 +8,8 @@
 ``meta`` holds what is needed to rebuild the model (``arch``, ``num_classes``, ``mean``, ``std``,
 ``arch_kwargs``) and what it is (``name``, ``in_dataset``, ``loss``, ``epoch``, ``args``).
 """
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -70,9 +72,10 @@ def load_model(in_dataset: str, name: str, epoch: int | None = None, device: str
                root: str | Path = CHECKPOINT_ROOT, arch: str | None = None) -> tuple[nn.Module, dict]:
     """Load the model trained as ``checkpoints/<in_dataset>/<name>/`` (``epoch=None``: the last epoch).
 
-    Returns the model in eval mode on ``device`` and its metadata, with ``checkpoint`` (the file read)
-    added. A missing checkpoint, or one whose metadata disagrees with ``in_dataset`` or ``arch``, is a
-    ``UserError`` that names the command that trains the right one.
+    Returns the model in eval mode on ``device`` and its metadata, with ``checkpoint`` (the file read) and
+    ``checkpoint_sha256`` (the start of its content's hash) added. A missing checkpoint, or one whose
+    metadata disagrees with ``in_dataset`` or ``arch``, is a ``UserError`` that names the command that
+    trains the right one.
     """
     path = checkpoint_path(in_dataset, name, epoch, root)
     train_hint = (f"train it with `python train_energy.py --name={name} --in-dataset={in_dataset}` "
@@ -82,7 +85,8 @@ def load_model(in_dataset: str, name: str, epoch: int | None = None, device: str
         available = sorted(p.name for p in path.parent.glob("epoch_*.pt")) if path.parent.is_dir() else []
         raise UserError(f"no checkpoint for {where}model {name!r} on {in_dataset}: {path} does not exist"
                         + (f" (present: {', '.join(available)})" if available else "") + f"; {train_hint}.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    content = path.read_bytes()
+    checkpoint = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     meta = dict(checkpoint["meta"])
     if meta.get("in_dataset") != in_dataset:
         raise UserError(f"{path} was trained on {meta.get('in_dataset')}, not {in_dataset}; {train_hint}.")
@@ -91,4 +95,5 @@ def load_model(in_dataset: str, name: str, epoch: int | None = None, device: str
     model = build_model(meta)
     model.load_state_dict(checkpoint["state_dict"])
     meta["checkpoint"] = str(path)
+    meta["checkpoint_sha256"] = hashlib.sha256(content).hexdigest()[:16]  # tells a retrained model apart
     return model.to(device).eval(), meta

@@ -3,7 +3,7 @@
 A gradients file is ``gradients/<in-dataset>/<name>/<score or "original">/<dataset>.pkl``, a pickled dict::
 
     {"version": 1,
-     "model":   {"name", "arch", "in_dataset", "num_classes", "checkpoint", "epoch"},
+     "model":   {"name", "arch", "in_dataset", "num_classes", "checkpoint", "epoch", "checkpoint_sha256"},
      "method":  "norm" | "original",   "score": "min" | "max" | "pred" | None,
      "dataset": "LSUN",                "num_samples": N,
      "layers":  {"conv1.weight": float32[N], ...},   # per-layer L2 norms, model order
@@ -35,6 +35,9 @@ GRADIENT_ROOT = "gradients"
 METHODS = ("norm", "original")
 SCORES = ("min", "max", "pred")
 MODEL_KEYS = ("name", "arch", "in_dataset", "num_classes", "checkpoint", "epoch")
+# Written by the tracking scripts beside MODEL_KEYS, so that files of a model retrained under the same
+# name and epoch are never mixed up with the old ones; not required of files from elsewhere.
+CHECKPOINT_HASH_KEY = "checkpoint_sha256"
 PER_SAMPLE_KEYS = {"total": np.float32, "class": np.int64, "pred": np.int64, "label": np.int64,
                    "msp": np.float32, "energy": np.float32}
 

@@ -26,8 +26,8 @@ from utils.checkpoints import CHECKPOINT_ROOT, load_model
 from utils.data import IN_DATASETS, OOD_DATASETS, dataset_available, get_dataset
 from utils.energy import energy_score
 from utils.errors import UserError
-from utils.gradients import (FORMAT_VERSION, GRADIENT_ROOT, MODEL_KEYS, SCORES, GradientFileError, gradient_norms,
-                             gradient_path, load_gradients, rows_per_sample, save_gradients)
+from utils.gradients import (CHECKPOINT_HASH_KEY, FORMAT_VERSION, GRADIENT_ROOT, MODEL_KEYS, SCORES, GradientFileError,
+                             gradient_norms, gradient_path, load_gradients, rows_per_sample, save_gradients)
 from utils.runtime import default_workers, get_device
 
 ARRAY_KEYS = ("total", "class", "pred", "label", "msp", "energy")
@@ -208,7 +208,7 @@ def main(args: argparse.Namespace, score: str | None) -> None:
     device = get_device(args.gpu)
     workers = args.workers if args.workers is not None else (default_workers() if device.type == "cuda" else 0)
     model, meta = load_model(args.in_dataset, args.name, args.epoch, device, args.checkpoint_root, args.model_arch)
-    model_info = {key: meta[key] for key in MODEL_KEYS}
+    model_info = {key: meta[key] for key in (*MODEL_KEYS, CHECKPOINT_HASH_KEY)}
     if args.dataset == "all":
         names = [name for name in OOD_DATASETS if dataset_available(name, args.data_root)]
         missing = [name for name in OOD_DATASETS if name not in names]
