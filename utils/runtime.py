@@ -46,3 +46,11 @@ def run_script(main: Callable[[], None]) -> None:
 def default_workers() -> int:
     """DataLoader workers: up to 4, never more than the CPUs this process may use."""
     return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """``--workers`` if given; else ``default_workers()`` on CUDA and 0 on the CPU, where loader processes
+    would compete with the computation for the same cores."""
+    if requested is not None:
+        return requested
+    return default_workers() if device.type == "cuda" else 0

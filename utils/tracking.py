@@ -28,7 +28,7 @@ from utils.energy import energy_score
 from utils.errors import UserError
 from utils.gradients import (CHECKPOINT_HASH_KEY, FORMAT_VERSION, GRADIENT_ROOT, MODEL_KEYS, SCORES, GradientFileError,
                              gradient_norms, gradient_path, load_gradients, rows_per_sample, save_gradients)
-from utils.runtime import default_workers, get_device
+from utils.runtime import default_workers, get_device, loader_workers
 
 ARRAY_KEYS = ("total", "class", "pred", "label", "msp", "energy")
 
@@ -206,7 +206,7 @@ def main(args: argparse.Namespace, score: str | None) -> None:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive.")
     device = get_device(args.gpu)
-    workers = args.workers if args.workers is not None else (default_workers() if device.type == "cuda" else 0)
+    workers = loader_workers(args.workers, device)
     model, meta = load_model(args.in_dataset, args.name, args.epoch, device, args.checkpoint_root, args.model_arch)
     model_info = {key: meta[key] for key in (*MODEL_KEYS, CHECKPOINT_HASH_KEY)}
     if args.dataset == "all":

@@ -41,7 +41,7 @@ from utils.checkpoints import (CHECKPOINT_ROOT, TRAIN_COMMANDS, build_model, che
 from utils.data import IN_DATASETS, NORMALIZATION, NUM_CLASSES, get_dataset
 from utils.errors import UserError
 from utils.io import atomic_write
-from utils.runtime import default_workers, get_device, seed_everything
+from utils.runtime import default_workers, get_device, loader_workers, seed_everything
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 """``loss_fn(model, (x_in, y), *other_batches) -> (loss, logits_in, statistics)``: the loss to minimise,
@@ -159,9 +159,7 @@ class Run:
 
     @property
     def workers(self) -> int:
-        if self.args.workers is not None:
-            return self.args.workers
-        return default_workers() if self.device.type == "cuda" else 0
+        return loader_workers(self.args.workers, self.device)
 
     @property
     def memory_format(self) -> torch.memory_format:
