@@ -8,14 +8,16 @@ the OOD set's file beside it (``--dataset all``: every other ``*.pkl`` there), p
 (and their average) — every tracked layer, ``total``, and the MSP / Energy baselines of the same samples —
 and writes it to ``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip]/<dataset>.json|csv``.
 
-Conventions (``utils/metrics.py``): ID is the positive class and the score is higher for ID: −norm for
-``norm_single`` with ``min``/``pred``, +norm with ``max`` and for ``original_single``; ``--flip`` inverts it.
+Conventions (``utils/metrics.py``): ID is the positive class and the score is higher for ID, each detector's
+sign from ``utils/detectors.py``: −norm for ``norm_single`` with ``min``/``pred``/``exgrad``, +norm with
+``max``/``gradnorm`` and for ``original_single``; ``--flip`` inverts it.
 """
 import argparse
 from pathlib import Path
 
 from utils.errors import UserError
-from utils.gradients import GRADIENT_ROOT, SCORES, GradientFileError, gradient_path, load_gradients
+from utils.detectors import TRACK_GRADIENT_SCORES
+from utils.gradients import GRADIENT_ROOT, GradientFileError, gradient_path, load_gradients
 from utils.metrics import (SAVED_FORMS, average_table, baseline_scores, best_and_worst_layers, detection_table,
                            format_table, gradient_rows, score_sign, write_table)
 from utils.plots import plot_detection
@@ -29,8 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", required=True, help="model name, as given to train_*.py and track_*.py")
     parser.add_argument("--saved_form", "--saved-form", required=True, choices=SAVED_FORMS,
                         help="norm_single: track_gradient.py's files; original_single: track_gradient_original.py's")
-    parser.add_argument("--score", choices=SCORES,
-                        help="which class's gradient (norm_single only, where it is required)")
+    parser.add_argument("--score", choices=TRACK_GRADIENT_SCORES,
+                        help="the detector tracked by track_gradient.py (norm_single only, where it is required)")
     parser.add_argument("--dataset", default="all", help="OOD set, or 'all' for every tracked one (default: all)")
     parser.add_argument("--in-dataset", default=DEFAULT_IN_DATASET, help=f"default: {DEFAULT_IN_DATASET}")
     parser.add_argument("--flip", action="store_true", help="invert the gradient score's sign")
@@ -41,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-root", default="results", help="default: results")
     args = parser.parse_args(argv)
     if args.saved_form == "norm_single" and args.score is None:
-        parser.error("--saved_form=norm_single needs --score=min|max|pred")
+        parser.error(f"--saved_form=norm_single needs --score={'|'.join(TRACK_GRADIENT_SCORES)}")
     if args.saved_form == "original_single" and args.score is not None:
         parser.error("--score does not apply to --saved_form=original_single (one confounding-label gradient "
                      "per sample); leave it out")
@@ -110,19 +112,20 @@ def ood_datasets(args: argparse.Namespace, folder: Path) -> list[str]:
 
 
 def plot_table(table: dict, id_record: dict, ood_record: dict, sign: int, folder: Path) -> list[Path]:
-    """Histogram + ROC figures of ``total`` and of the best and worst layer by AUROC."""
+    """Histogram + ROC figures of ``total``, the detector's headline row, and the best and worst layer by AUROC."""
     best, worst = best_and_worst_layers(table)
     rows = {r["row"]: r for r in table["rows"]}
     id_values, ood_values = gradient_rows(id_record), gradient_rows(ood_record)
     id_baselines, ood_baselines = baseline_scores(id_record), baseline_scores(ood_record)
     baselines = {name: (id_baselines[name], ood_baselines[name]) for name in id_baselines}
     roles = {"total": "all tracked layers"}
+    roles.setdefault(table["headline"], "the detector's headline row")
     roles.setdefault(best, "best layer by AUROC")
     roles.setdefault(worst, "worst layer by AUROC")
     return [plot_detection(
         folder / f"{table['ood_dataset']}_{row}.png", id_values[row], ood_values[row], sign, rows[row],
         title=f"{table['model']['name']}: {table['in_dataset']} vs {table['ood_dataset']} — {row} ({role})",
-        value_label="gradient L2 norm of all tracked layers" if row == "total" else f"gradient L2 norm of {row}",
+        value_label=f"gradient {table['norm']} norm of " + ("all tracked layers" if row == "total" else row),
         score_label=f"score = {'+' if sign > 0 else '−'}norm", in_dataset=table["in_dataset"],
         ood_dataset=table["ood_dataset"], baselines=baselines)
         for row, role in roles.items()]

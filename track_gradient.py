@@ -1,13 +1,15 @@
 """Track per-sample gradient norms of a cross-entropy classifier on an in-distribution or OOD test set.
 
-For every sample and every label k, the gradient of the cross-entropy loss with label k; ``--score``
-keeps the one with the smallest (``min``) or largest (``max``) L2 norm over all tracked weights, or the
-predicted label's (``pred``), and saves its per-layer norms to
+``--score`` is the detector (``utils/detectors.py``): ``min``/``max``/``pred`` keep, of the K cross-entropy
+gradients (one per label), the smallest or largest in L2 norm over all tracked weights, or the predicted
+label's; ``gradnorm`` the L1 norms of the gradient of Σ_k −log softmax(f(x)/T)_k (Huang et al. 2021);
+``exgrad`` the per-class gradient norms expected under the model's prediction (Igoe et al. 2022); ``all``
+every one of them from one forward and one backward pass. Each detector's per-layer norms go to
 ``gradients/<in-dataset>/<name>/<score>/<dataset>.pkl``. The in-distribution test set is tracked first if
 its file is missing.
 
     python track_gradient.py --name=resnet --dataset=LSUN --score=min --gpu=0
-    python track_gradient.py --name=resnet --dataset=all --score=max
+    python track_gradient.py --name=resnet --dataset=all --score=all
     for i in 0 1 2 3; do python track_gradient.py --name=resnet --dataset=LSUN --shard=$i/4 --gpu=$i & done; wait
 """
 import argparse
@@ -20,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tracking.add_arguments(parser, with_score=True)
     args = parser.parse_args(argv)
-    tracking.main(args, args.score)
+    tracking.main(args)
 
 
 if __name__ == "__main__":

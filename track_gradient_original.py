@@ -15,7 +15,7 @@ from utils.runtime import run_script
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tracking.add_arguments(parser, with_score=False)
-    tracking.main(parser.parse_args(argv), score=None)
+    tracking.main(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

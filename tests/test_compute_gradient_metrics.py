@@ -313,3 +313,31 @@ def test_script_exits_2_with_one_line_and_runs_no_code(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(evil) in errors[0] and "posix.system" in errors[0]
     assert not marker.exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("score, sign", [("gradnorm", +1), ("exgrad", -1)])
+def test_new_detectors_are_scored_with_their_own_sign_and_headline(tmp_path, capsys, score, sign):
+    """GradNorm (+L1 norm, the last layer as headline) and ExGrad (−norm, with its extra L1 row)."""
+    gradients = tmp_path / "gradients"
+    extra_row = "fc.weight:L1"
+    records = {}
+    for dataset, shift, seed in (("CIFAR-10", 0.0, 0), ("LSUN", 1.0, 1)):
+        record = make_record(dataset, 150, shift, seed, score=score)
+        record["norm"] = "L1" if score == "gradnorm" else "L2"
+        if score == "exgrad":
+            record["extra"] = {extra_row: (2 * record["layers"]["fc.weight"]).astype(np.float32)}
+        records[dataset] = record
+        write(record, gradients, score=score)
+    run((gradients, tmp_path / "results"), "--name=resnet", "--saved_form=norm_single", f"--score={score}",
+        "--dataset=LSUN")
+    out = capsys.readouterr().out
+    table = json.loads((tmp_path / "results/CIFAR-10/resnet" / f"norm_single-{score}" / "LSUN.json").read_text())
+    headline = "fc.weight" if score == "gradnorm" else extra_row
+    assert table["headline"] == headline and f"headline row: {headline}" in out
+    assert table["gradient_score"] == ("+norm" if sign > 0 else "-norm")
+    rows = {r["row"]: r for r in table["rows"]}
+    values = {d: {**r["layers"], **r.get("extra", {})} for d, r in records.items()}
+    expected = ood_metrics(sign * values["CIFAR-10"][headline].astype(np.float64),
+                           sign * values["LSUN"][headline].astype(np.float64))
+    assert rows[headline]["AUROC"] == pytest.approx(100 * expected["AUROC"])
+    assert rows[headline]["kind"] == ("layer" if score == "gradnorm" else "extra")

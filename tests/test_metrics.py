@@ -105,7 +105,8 @@ def test_orientation_conventions():
 
 
 @pytest.mark.parametrize("saved_form, score, sign", [("norm_single", "min", -1), ("norm_single", "pred", -1),
-                                                     ("norm_single", "max", +1), ("original_single", None, +1)])
+                                                     ("norm_single", "max", +1), ("original_single", None, +1),
+                                                     ("norm_single", "gradnorm", +1), ("norm_single", "exgrad", -1)])
 def test_detection_score_orientation(saved_form, score, sign):
     norms = np.array([0.5, 2.0, 3.0], dtype=np.float32)
     assert score_sign(saved_form, score) == sign

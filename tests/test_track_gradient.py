@@ -13,7 +13,8 @@ import track_gradient
 import track_gradient_original
 from utils.checkpoints import save_checkpoint
 from utils.data import NORMALIZATION, get_dataset
-from utils.gradients import CHECKPOINT_HASH_KEY, MODEL_KEYS, gradient_norms, gradient_path, load_gradients
+from utils.detectors import DETECTORS, TRACK_GRADIENT_SCORES, gradient_scores
+from utils.gradients import CHECKPOINT_HASH_KEY, MODEL_KEYS, gradient_path, load_gradients
 from utils.runtime import run_script
 from utils.tracking import Part
 
@@ -63,11 +64,11 @@ def test_tracks_the_ood_set_and_first_the_in_distribution_set(roots):
         # the same numbers as the engine on the first 7 images, batched 3 at a time (30 rows / 10 classes)
         images, labels = zip(*(get_dataset(dataset, roots["data"])[i] for i in range(7)))
         x = torch.stack(images)
-        out = [gradient_norms(model, x[i:i + 3], "max") for i in range(0, 7, 3)]
-        np.testing.assert_array_equal(record["total"], torch.cat([o.total for o in out]).numpy())
-        np.testing.assert_array_equal(record["class"], torch.cat([o.chosen for o in out]).numpy())
+        out = [gradient_scores(model, x[i:i + 3], [DETECTORS["max"]]) for i in range(0, 7, 3)]
+        np.testing.assert_array_equal(record["total"], torch.cat([o["max"].total for _, o in out]).numpy())
+        np.testing.assert_array_equal(record["class"], torch.cat([o["max"].chosen for _, o in out]).numpy())
         np.testing.assert_array_equal(record["label"], np.array(labels))
-        logits = torch.cat([o.logits for o in out])
+        logits = torch.cat([z for z, _ in out])
         np.testing.assert_array_equal(record["pred"], logits.argmax(1).numpy())
         np.testing.assert_allclose(record["msp"], logits.softmax(1).amax(1).numpy(), rtol=1e-6)
         np.testing.assert_allclose(record["energy"], -torch.logsumexp(logits, 1).numpy(), rtol=1e-6)
@@ -133,25 +134,26 @@ def test_the_readme_commands_parse_and_fail_cleanly_without_a_model(tmp_path, co
     assert "train_" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_shards_merge_into_the_single_process_file(roots):
+@pytest.mark.parametrize("score", ["min", "exgrad"])
+def test_shards_merge_into_the_single_process_file(roots, score):
     make_checkpoint(roots["checkpoint"], "net")
-    common = ("--name=net", "--dataset=blobs", "--score=min", "--limit=9", "--batch-size=20")  # 2 images a batch
+    common = ("--name=net", "--dataset=blobs", f"--score={score}", "--limit=9", "--batch-size=20")  # 2 images a batch
     run(track_gradient, roots, *common)
-    single = {d: load(roots, "net", "min", d) for d in ("digits", "blobs")}
+    single = {d: load(roots, "net", score, d) for d in ("digits", "blobs")}
     roots["gradient"] = roots["gradient"].with_name("sharded")
 
     run(track_gradient, roots, *common, "--shard=2/3")
     run(track_gradient, roots, *common, "--shard=0/3")
-    folder = roots["gradient"] / "digits" / "net" / "min"
+    folder = roots["gradient"] / "digits" / "net" / score
     assert sorted(p.name for p in folder.iterdir()) == ["blobs.shard0of3.pkl", "blobs.shard2of3.pkl",
                                                         "digits.shard0of3.pkl", "digits.shard2of3.pkl"]
     run(track_gradient, roots, *common, "--shard=1/3")  # the last part merges
     assert sorted(p.name for p in folder.iterdir()) == ["blobs.pkl", "digits.pkl"]
     for dataset, expected in single.items():
-        merged = load(roots, "net", "min", dataset)
+        merged = load(roots, "net", score, dataset)
         assert merged.keys() == expected.keys()
         for key, value in expected.items():
-            if key == "layers":
+            if key in ("layers", "extra"):
                 assert list(merged[key]) == list(value)
                 assert all(np.array_equal(merged[key][k], v) for k, v in value.items())
             elif isinstance(value, np.ndarray):
@@ -164,3 +166,40 @@ def test_shards_are_cut_at_batch_boundaries():
     parts = [Part.of(10, 3, (i, 3)) for i in range(3)]  # 4 batches: [0, 3) [3, 6) [6, 9) [9, 10)
     assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 10)]
     assert [(p.start, p.stop) for p in (Part.of(2, 4, (i, 2)) for i in range(2))] == [(0, 0), (0, 2)]
+
+
+def test_score_all_writes_each_detector_s_file_as_its_own_run_would(roots):
+    """One forward and one backward pass for every detector of track_gradient.py; each file holds what the
+    single-detector run writes (the same batches of 2 images: 24 rows = 2 × (K + 2) here, 2 × K or 2 × 1 alone)."""
+    make_checkpoint(roots["checkpoint"], "net")
+    run(track_gradient, roots, "--name=net", "--dataset=gaussian", "--score=all", "--limit=5", "--batch-size=24")
+    together = {name: load(roots, "net", name, "gaussian") for name in TRACK_GRADIENT_SCORES}
+    roots["gradient"] = roots["gradient"].with_name("alone")
+    for name, expected in together.items():
+        rows = 20 if name in ("min", "max", "exgrad") else 2
+        run(track_gradient, roots, "--name=net", "--dataset=gaussian", f"--score={name}", "--limit=5",
+            f"--batch-size={rows}")
+        alone = load(roots, "net", name, "gaussian")
+        assert alone.keys() == expected.keys()
+        assert (alone["norm"], alone["options"], alone["score"]) == (expected["norm"], expected["options"], name)
+        for group in ("layers", "extra"):
+            assert list(alone[group]) == list(expected[group])
+            for layer, values in alone[group].items():
+                np.testing.assert_allclose(expected[group][layer], values, rtol=1e-5)
+        np.testing.assert_allclose(expected["total"], alone["total"], rtol=1e-5)
+        for key in ("class", "pred", "label"):
+            np.testing.assert_array_equal(expected[key], alone[key])
+    assert together["gradnorm"]["norm"] == "L1" and together["gradnorm"]["options"] == {"temperature": 1.0}
+    assert list(together["exgrad"]["extra"]) == ["fc.weight:L1"] and together["min"]["extra"] == {}
+    assert (gradient_path("digits", "net", "gradnorm", "digits", roots["gradient"].with_name("gradients"))).is_file()
+
+
+def test_gradnorm_temperature_is_recorded_and_a_file_of_another_temperature_is_retracked(roots):
+    make_checkpoint(roots["checkpoint"], "net")
+    common = ("--name=net", "--dataset=gaussian", "--score=gradnorm", "--limit=3")
+    run(track_gradient, roots, *common)
+    at_one = load(roots, "net", "gradnorm", "digits")
+    run(track_gradient, roots, *common, "--temperature=1000")
+    at_1000 = load(roots, "net", "gradnorm", "digits")
+    assert (at_one["options"], at_1000["options"]) == ({"temperature": 1.0}, {"temperature": 1000.0})
+    assert not np.allclose(at_one["total"], at_1000["total"])

@@ -3,10 +3,11 @@
 Every score here is oriented so that **higher means more in-distribution**, and in-distribution (ID) is the
 positive class (the convention of Outlier Exposure and energy_ood); ``ood_metrics`` states the definitions.
 
-Gradient scores (``--saved_form`` of ``compute_gradient_metrics.py``): the files hold per-layer L2 norms.
-``norm_single`` with ``min`` or ``pred`` scores −norm (ID samples have the smaller gradient), with ``max``
-+norm; ``original_single`` (the confounding-label gradient of a BCE model) scores +norm, as in the
-original analysis. ``flip`` inverts any of them. The output-based baselines are MSP (higher = ID) and
+Gradient scores (``--saved_form`` of ``compute_gradient_metrics.py``): the files hold per-layer norms, and
+each detector's sign (``utils/detectors.py``) makes them a score. ``norm_single`` with ``min``, ``pred`` or
+``exgrad`` scores −norm (ID samples have the smaller gradient), with ``max`` or ``gradnorm`` +norm;
+``original_single`` (the confounding-label gradient of a BCE model) scores +norm, as in the original
+analysis. ``flip`` inverts any of them. The output-based baselines are MSP (higher = ID) and
 −E(x) = logsumexp f(x), since the files store the energy E(x) = −logsumexp f(x).
 """
 import csv
@@ -17,19 +18,18 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from utils.detectors import CONFOUNDING, TRACK_GRADIENT_SCORES, Detector, get_detector
 from utils.io import atomic_write
 
 METRICS = ("FPR95", "AUROC", "AUPR_IN", "AUPR_OUT")
 CSV_COLUMNS = ("ood_dataset", "row", "kind", "score", *METRICS, "id_mean", "id_std", "ood_mean", "ood_std")
 SAVED_FORMS = {"norm_single": "norm", "original_single": "original"}  # --saved_form → the file's "method"
-SCORE_SIGNS = {("norm_single", "min"): -1, ("norm_single", "pred"): -1, ("norm_single", "max"): +1,
-               ("original_single", None): +1}
 BASELINES = {"MSP": ("msp", +1), "Energy": ("energy", -1)}  # row → (record key, sign making higher = ID)
 CONVENTIONS = ("ID is the positive class; a higher score means more in-distribution. Metrics in %.",
                "FPR95: the FPR (OOD accepted) at the highest threshold keeping >= 95% of ID, over all distinct "
                "thresholds.",
                "AUROC. AUPR-In: ID positive. AUPR-Out: OOD positive, score negated.",
-               "Mean ± std: of the raw values (gradient L2 norm; MSP; energy E(x) = -logsumexp f(x)).",
+               "Mean ± std: of the raw values (gradient norm; MSP; energy E(x) = -logsumexp f(x)).",
                "Baselines: score = MSP and -E(x) = logsumexp f(x); --flip does not apply to them.")
 
 
@@ -85,26 +85,41 @@ def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
             "AUPR_OUT": float(average_precision_score(1 - labels, -scores))}
 
 
+def detector_of(saved_form: str, score: str | None) -> Detector:
+    """The detector a ``--saved_form``/``--score`` pair names: ``norm_single`` with one of
+    ``track_gradient.py``'s scores, or ``original_single`` (the confounding label) with none."""
+    if saved_form == "norm_single" and score in TRACK_GRADIENT_SCORES:
+        return get_detector(score)
+    if saved_form == "original_single" and score is None:
+        return CONFOUNDING
+    raise ValueError(f"no detector (and so no score orientation) for saved_form={saved_form!r}, score={score!r}; known: "
+                     f"{', '.join(f'norm_single/{s}' for s in TRACK_GRADIENT_SCORES)}, original_single")
+
+
 def score_sign(saved_form: str, score: str | None, flip: bool = False) -> int:
     """+1 or −1: the factor that turns a gradient norm into a detection score (higher = ID)."""
-    if (saved_form, score) not in SCORE_SIGNS:
-        raise ValueError(f"no score orientation for saved_form={saved_form!r}, score={score!r}; "
-                         f"known: {', '.join(f'{f}/{s}' for f, s in SCORE_SIGNS)}")
-    return -SCORE_SIGNS[saved_form, score] if flip else SCORE_SIGNS[saved_form, score]
+    sign = detector_of(saved_form, score).sign
+    return -sign if flip else sign
 
 
 def detection_score(values, saved_form: str, score: str | None, flip: bool = False) -> np.ndarray:
     """The detection score (higher = more in-distribution) of gradient norms ``values``.
 
-    ``norm_single``: −norm for ``min`` and ``pred``, +norm for ``max``; ``original_single``: +norm.
+    ``norm_single``: −norm for ``min``, ``pred`` and ``exgrad``, +norm for ``max`` and ``gradnorm``;
+    ``original_single``: +norm.
     ``flip`` inverts the sign.
     """
     return score_sign(saved_form, score, flip) * np.asarray(values, dtype=np.float64)
 
 
 def gradient_rows(record: dict) -> dict[str, np.ndarray]:
-    """The gradient-norm arrays of a gradients record: every tracked layer in model order, then ``total``."""
-    return {**record["layers"], "total": record["total"]}
+    """The gradient-norm arrays of a gradients record: every tracked layer in model order, ``total``, then the
+    detector's extra rows (ExGrad's paper form)."""
+    return {**record["layers"], "total": record["total"], **record.get("extra", {})}
+
+
+def _row_kind(record: dict, name: str) -> str:
+    return "total" if name == "total" else "layer" if name in record["layers"] else "extra"
 
 
 def baseline_scores(record: dict) -> dict[str, np.ndarray]:
@@ -130,12 +145,14 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
     sign = score_sign(saved_form, score, flip)
     gradient_label = "+norm" if sign > 0 else "-norm"
     id_rows, ood_rows = gradient_rows(id_record), gradient_rows(ood_record)
-    rows = [_row(name, "total" if name == "total" else "layer", gradient_label, id_rows[name], ood_rows[name], sign)
+    rows = [_row(name, _row_kind(id_record, name), gradient_label, id_rows[name], ood_rows[name], sign)
             for name in id_rows]
     rows += [_row(name, "baseline", ("-" if b_sign < 0 else "") + key, id_record[key], ood_record[key], b_sign)
              for name, (key, b_sign) in BASELINES.items()]
+    headline = detector_of(saved_form, score).headline_row(list(id_record["layers"]))
     return {"in_dataset": id_record["dataset"], "ood_dataset": ood_record["dataset"], "model": id_record["model"],
             "saved_form": saved_form, "score": score, "flip": flip, "gradient_score": gradient_label,
+            "norm": id_record.get("norm", "L2"), "headline": headline,
             "num_id": id_record["num_samples"], "num_ood": ood_record["num_samples"],
             "metrics_in": "percent", "conventions": CONVENTIONS, "rows": rows}
 
@@ -152,8 +169,7 @@ def average_table(tables: list[dict]) -> dict:
         row["ood_mean"] = float(n @ means / n.sum())
         row["ood_std"] = float(np.sqrt(max(n @ second_moments / n.sum() - row["ood_mean"] ** 2, 0.0)))
         rows.append(row)
-    return {**{k: tables[0][k] for k in ("in_dataset", "model", "saved_form", "score", "flip", "gradient_score",
-                                         "num_id", "metrics_in", "conventions")},
+    return {**{k: v for k, v in tables[0].items() if k not in ("ood_dataset", "num_ood", "rows")},
             "ood_dataset": "average", "datasets": [t["ood_dataset"] for t in tables], "num_ood": int(n.sum()),
             "rows": rows}
 
@@ -173,7 +189,8 @@ def format_table(table: dict) -> str:
         ", flipped" if table["flip"] else "")
     header = [f"== {table['in_dataset']} (ID, {table['num_id']} samples) vs {ood} ==",
               f"Model {model['name']} ({model['arch']}, {model['num_classes']} classes, epoch {model['epoch']}), "
-              f"gradients {form}: detection score = {table['gradient_score']}.",
+              f"gradients {form}: detection score = {table['gradient_score']} ({table['norm']} norms); "
+              f"headline row: {table['headline']}.",
               *table["conventions"]]
     if "datasets" in table:
         header.append(f"Average: metrics are the unweighted mean over the OOD sets; OOD mean ± std pools their "

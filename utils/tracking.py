@@ -1,9 +1,10 @@
 """Gradient tracking from the command line: what ``track_gradient.py`` and ``track_gradient_original.py`` share.
 
-For each data set asked for, every sample's gradient norms (``utils.gradients.gradient_norms``) and the
-model's output baselines go to ``gradient_path(in_dataset, name, score, dataset)`` as one record. The
-in-distribution test set is tracked first when its file is missing or belongs to another checkpoint or
-``--limit``, so that the metrics script has both sides.
+For each data set asked for, every sample's values under each chosen detector (``utils.detectors``; several
+detectors share one forward and one backward pass) and the model's output baselines go to
+``gradient_path(in_dataset, name, detector, dataset)``, one record per detector. The in-distribution test
+set is tracked first when its file is missing or belongs to another checkpoint, ``--limit`` or detector
+option, so that the metrics script has both sides.
 
 ``--shard i/n`` tracks the i-th of n contiguous parts of each data set into ``<dataset>.shard<i>of<n>.pkl``;
 the process that writes the last missing part merges them into ``<dataset>.pkl`` and removes the parts.
@@ -12,6 +13,7 @@ the merged file equals a single-process run's. A failed part is rerun alone with
 """
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,32 +26,40 @@ from tqdm import tqdm
 from models import ARCHS
 from utils.checkpoints import CHECKPOINT_ROOT, load_model
 from utils.data import IN_DATASETS, OOD_DATASETS, dataset_available, get_dataset
+from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
 from utils.energy import energy_score
 from utils.errors import UserError
-from utils.gradients import (CHECKPOINT_HASH_KEY, FORMAT_VERSION, GRADIENT_ROOT, MODEL_KEYS, SCORES, GradientFileError,
-                             gradient_norms, gradient_path, load_gradients, rows_per_sample, save_gradients)
+from utils.gradients import (CHECKPOINT_HASH_KEY, FORMAT_VERSION, GRADIENT_ROOT, MODEL_KEYS, GradientFileError,
+                             gradient_path, load_gradients, save_gradients)
 from utils.runtime import default_workers, get_device, loader_workers
 
 ARRAY_KEYS = ("total", "class", "pred", "label", "msp", "energy")
+DTYPES = {"class": np.int64, "pred": np.int64, "label": np.int64}  # every other array is float32
 
 
 def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
-    """The options of both tracking scripts; ``--score`` only where the loss has a label to choose."""
+    """The options of both tracking scripts; ``--score`` and ``--temperature`` only for ``track_gradient.py``
+    (``track_gradient_original.py`` is the confounding label)."""
     parser.add_argument("--name", required=True, help="the run name the model was trained under")
     parser.add_argument("--dataset", required=True,
                         help=f"the data set to track: one of {', '.join(IN_DATASETS + OOD_DATASETS)}, or 'all' "
                              "for every OOD set whose data is present")
     if with_score:
-        parser.add_argument("--score", choices=SCORES, default="min",
-                            help="which of the K cross-entropy gradients (one per label) to keep: the smallest "
-                                 "or largest in norm, or the predicted label's (default: %(default)s)")
+        parser.add_argument("--score", choices=(*TRACK_GRADIENT_SCORES, "all"), default="min",
+                            help="the detector: min/max/pred keep the smallest, largest or predicted label's of "
+                                 "the K cross-entropy gradients; gradnorm (L1, Huang et al. 2021); exgrad (their "
+                                 "expectation under the prediction, Igoe et al. 2022); all: every one of them "
+                                 "from one pass, one file each (default: %(default)s)")
+        parser.add_argument("--temperature", type=float, default=1.0,
+                            help="GradNorm's temperature T (default: %(default)s, as in the paper)")
     parser.add_argument("--in-dataset", default="CIFAR-10", choices=IN_DATASETS, help="(default: %(default)s)")
     parser.add_argument("--epoch", type=int, help="the checkpoint's epoch (default: the last)")
     parser.add_argument("--model-arch", choices=ARCHS,
                         help="the architecture expected; an error if the checkpoint holds another")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="gradients back-propagated at once, which bounds memory: an image costs K of them "
-                             "for --score=min/max (one per class), one otherwise (default: %(default)s)")
+                             "for min/max/exgrad (one per class), one for pred/gradnorm/the confounding label, "
+                             "K + 2 for --score=all (default: %(default)s)")
     parser.add_argument("--limit", type=int, metavar="N", help="track only the first N samples of each set")
     parser.add_argument("--shard", metavar="I/N", type=_shard,
                         help="track only the I-th of N parts of each set (0 <= I < N); the last part to finish "
@@ -104,9 +114,10 @@ class Part:
                 "of": self.num_samples, "images_per_batch": self.images_per_batch}
 
 
-def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: str, score: str | None,
-          part: Part, device: torch.device, workers: int) -> dict:
-    """The gradients record of samples [part.start, part.stop) of ``dataset`` (the format of ``utils.gradients``)."""
+def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: str, detectors: list[Detector],
+          part: Part, device: torch.device, workers: int) -> dict[str, dict]:
+    """The gradients record of samples [part.start, part.stop) of ``dataset`` for each detector, by name
+    (the format of ``utils.gradients``)."""
     loader = DataLoader(Subset(dataset, range(part.start, part.stop)), batch_size=part.images_per_batch,
                         num_workers=workers, pin_memory=device.type == "cuda")
     columns: dict[str, list[np.ndarray]] = {}
@@ -115,36 +126,46 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
         columns.setdefault(key, []).append(values.cpu().numpy())
 
     progress = tqdm(total=part.stop - part.start, unit="img", dynamic_ncols=True,
-                    desc=f"{dataset_name} ({score or 'original'})")
+                    desc=f"{dataset_name} ({', '.join(d.name for d in detectors)})")
     for images, labels in loader:
-        out = gradient_norms(model, images.to(device, non_blocking=True), score)
-        for name, norms in out.layers.items():
-            add(f"layers/{name}", norms.float())
-        add("total", out.total.float())
-        add("class", out.chosen)
-        add("pred", out.logits.argmax(1))
+        logits, scores = gradient_scores(model, images.to(device, non_blocking=True), detectors)
+        for name, out in scores.items():
+            for layer, values in out.layers.items():
+                add(f"{name}/layers/{layer}", values.float())
+            for row, values in out.extra.items():
+                add(f"{name}/extra/{row}", values.float())
+            add(f"{name}/total", out.total.float())
+            add(f"{name}/class", out.chosen)
+        add("pred", logits.argmax(1))
         add("label", labels)
-        add("msp", out.logits.softmax(1).amax(1).float())
-        add("energy", energy_score(out.logits).float())
+        add("msp", logits.softmax(1).amax(1).float())
+        add("energy", energy_score(logits).float())
         progress.update(len(images))
     progress.close()
-    arrays = {key: np.concatenate(chunks) for key, chunks in columns.items()}
-    dtypes = {"class": np.int64, "pred": np.int64, "label": np.int64}
-    return {"version": FORMAT_VERSION, "model": model_info,
-            "method": "original" if score is None else "norm", "score": score,
-            "dataset": dataset_name, "num_samples": part.stop - part.start,
-            "layers": {key.removeprefix("layers/"): value for key, value in arrays.items()
-                       if key.startswith("layers/")},
-            **{key: arrays[key].astype(dtypes.get(key, np.float32)) for key in ARRAY_KEYS}}
+    arrays = {key: np.concatenate(chunks).astype(DTYPES.get(key.rpartition("/")[2], np.float32))
+              for key, chunks in columns.items()}
+
+    def group(prefix: str) -> dict[str, np.ndarray]:
+        return {key.removeprefix(prefix): value for key, value in arrays.items() if key.startswith(prefix)}
+
+    return {d.name: {"version": FORMAT_VERSION, "model": model_info, "method": d.method,
+                     "score": None if d.method == "original" else d.name,
+                     "dataset": dataset_name, "num_samples": part.stop - part.start, "norm": f"L{d.norm}",
+                     "layers": group(f"{d.name}/layers/"), "extra": group(f"{d.name}/extra/"), "options": d.options(),
+                     "total": arrays[f"{d.name}/total"], "class": arrays[f"{d.name}/class"],
+                     **{key: arrays[key] for key in ("pred", "label", "msp", "energy")}}
+            for d in detectors}
 
 
-def _is_current(path: Path, model_info: dict, num_samples: int, shard: dict | None = None) -> bool:
-    """Whether ``path`` holds a readable record of this model with ``num_samples`` samples (and this shard)."""
+def _is_current(path: Path, model_info: dict, num_samples: int, options: dict, shard: dict | None = None) -> bool:
+    """Whether ``path`` holds a readable record of this model, detector options and ``num_samples`` samples
+    (and this shard)."""
     try:
         record = load_gradients(path)
     except GradientFileError:
         return False
-    return record["model"] == model_info and record["num_samples"] == num_samples and record.get("shard") == shard
+    return (record["model"] == model_info and record["num_samples"] == num_samples
+            and record.get("options", {}) == options and record.get("shard") == shard)
 
 
 def merge(part: Part, final: Path) -> bool:
@@ -165,7 +186,8 @@ def merge(part: Part, final: Path) -> bool:
                             f"model {records[0]['model']}); remove it and rerun that shard.")
     merged = {key: value for key, value in records[0].items() if key != "shard"}
     merged["num_samples"] = part.num_samples
-    merged["layers"] = {name: np.concatenate([r["layers"][name] for r in records]) for name in merged["layers"]}
+    for group in ("layers", "extra"):
+        merged[group] = {name: np.concatenate([r[group][name] for r in records]) for name in merged.get(group, {})}
     merged.update({key: np.concatenate([r[key] for r in records]) for key in ARRAY_KEYS})
     save_gradients(merged, final)
     for p in parts:
@@ -173,41 +195,65 @@ def merge(part: Part, final: Path) -> bool:
     return True
 
 
-def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, dataset: Dataset, score: str | None,
-                   args: argparse.Namespace, device: torch.device, workers: int, only_if_stale: bool) -> None:
-    """Track this process's part of ``dataset`` and save the record; merge once all parts exist.
+def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, dataset: Dataset,
+                   detectors: list[Detector], args: argparse.Namespace, device: torch.device, workers: int,
+                   only_if_stale: bool) -> None:
+    """Track this process's part of ``dataset`` for every detector in one pass and save one record each;
+    merge once all parts exist.
 
-    With ``only_if_stale`` nothing is tracked if the file (or this part's file) is already current.
+    With ``only_if_stale`` a detector whose file (or this part's file) is already current is left out.
     """
-    final = gradient_path(model_info["in_dataset"], model_info["name"], score, dataset_name, args.gradient_root)
+    finals = {d.name: gradient_path(model_info["in_dataset"], model_info["name"], d.name, dataset_name,
+                                    args.gradient_root) for d in detectors}
     num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    part = Part.of(num_samples, max(1, args.batch_size // rows_per_sample(score, model_info["num_classes"])),
-                   args.shard)
-    if only_if_stale and _is_current(final, model_info, num_samples):
-        print(f"{final} is up to date ({num_samples} samples)")
-        return
-    path = part.path(final)
+    if only_if_stale:
+        for d in detectors:
+            if _is_current(finals[d.name], model_info, num_samples, d.options()):
+                print(f"{finals[d.name]} is up to date ({num_samples} samples)")
+        detectors = [d for d in detectors if not _is_current(finals[d.name], model_info, num_samples, d.options())]
+        if not detectors:
+            return
+    rows = rows_per_sample(detectors, model_info["num_classes"])
+    part = Part.of(num_samples, max(1, args.batch_size // rows), args.shard)
+    shard = part.describe() if part.count > 1 else None
     if part.stop == part.start:
         print(f"{dataset_name}: shard {part.index}/{part.count} is empty ({num_samples} samples)")
-    elif not (only_if_stale and _is_current(path, model_info, part.stop - part.start,
-                                            part.describe() if part.count > 1 else None)):
-        record = track(model, model_info, dataset, dataset_name, score, part, device, workers)
-        if part.count > 1:
-            record["shard"] = part.describe()
-        save_gradients(record, path)
-        print(f"saved {path} ({record['num_samples']} samples)")
-    if part.count > 1 and merge(part, final):
-        print(f"merged {part.count} shards into {final}")
+    else:
+        todo = [d for d in detectors if not (only_if_stale and _is_current(
+            part.path(finals[d.name]), model_info, part.stop - part.start, d.options(), shard))]
+        records = track(model, model_info, dataset, dataset_name, todo, part, device, workers) if todo else {}
+        for name, record in records.items():
+            if shard:
+                record["shard"] = shard
+            path = part.path(finals[name])
+            save_gradients(record, path)
+            print(f"saved {path} ({record['num_samples']} samples)")
+    if part.count > 1:
+        for final in finals.values():
+            if merge(part, final):
+                print(f"merged {part.count} shards into {final}")
 
 
-def main(args: argparse.Namespace, score: str | None) -> None:
-    """Track ``args.dataset`` (or every available OOD set) with ``score`` (None: the confounding label),
-    after the in-distribution test set if its file is missing or stale."""
+def detectors_from(args: argparse.Namespace) -> list[Detector]:
+    """The detectors a tracking command asks for: ``--score`` (``all``: every one of ``track_gradient.py``)
+    with ``--temperature``; the confounding label for ``track_gradient_original.py`` (no ``--score``)."""
+    score = getattr(args, "score", None)
+    names = TRACK_GRADIENT_SCORES if score == "all" else [score]
+    return [get_detector(name, getattr(args, "temperature", 1.0)) for name in names]
+
+
+def main(args: argparse.Namespace) -> None:
+    """Track ``args.dataset`` (or every available OOD set) with the detectors asked for, after the
+    in-distribution test set if its files are missing or stale."""
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive.")
+    if getattr(args, "temperature", 1.0) <= 0:
+        raise UserError(f"--temperature must be positive, got {args.temperature}.")
+    detectors = detectors_from(args)
     device = get_device(args.gpu)
     workers = loader_workers(args.workers, device)
     model, meta = load_model(args.in_dataset, args.name, args.epoch, device, args.checkpoint_root, args.model_arch)
+    _warn_on_a_loss_mismatch(meta.get("loss"), detectors[0].script)
     model_info = {key: meta[key] for key in (*MODEL_KEYS, CHECKPOINT_HASH_KEY)}
     if args.dataset == "all":
         names = [name for name in OOD_DATASETS if dataset_available(name, args.data_root)]
@@ -218,5 +264,17 @@ def main(args: argparse.Namespace, score: str | None) -> None:
         names = [args.dataset]
     datasets = {name: get_dataset(name, args.data_root) for name in [args.in_dataset, *names]}
     for name, dataset in datasets.items():
-        track_and_save(model, model_info, name, dataset, score, args, device, workers,
+        track_and_save(model, model_info, name, dataset, detectors, args, device, workers,
                        only_if_stale=name == args.in_dataset)
+
+
+def _warn_on_a_loss_mismatch(loss: str | None, script: str) -> None:
+    """The confounding label is meant for a model trained with BCE (``train_original.py``), the other
+    detectors for a cross-entropy model (``train_energy.py``); the other pairing runs, with a warning."""
+    if loss == "bce" and script == "track_gradient.py":
+        print("warning: this model was trained with one sigmoid per class (train_original.py); its "
+              "confounding-label gradients are tracked by track_gradient_original.py", file=sys.stderr)
+    elif loss == "energy" and script == "track_gradient_original.py":
+        print("warning: this model was trained with cross-entropy (train_energy.py); the confounding label "
+              "is meant for a BCE model (train_original.py), and track_gradient.py tracks its cross-entropy "
+              "gradients", file=sys.stderr)

@@ -1,0 +1,300 @@
+"""The gradient detectors, one unit each: what each one computes, and how the engine computes it batched.
+
+A detector names a loss L(x) with no label (there is none at test time) and scores an image by the norm of
+the weight gradient dL/dW of each tracked layer. Each unit states:
+
+* ``name`` — its ``--score`` and folder under ``gradients/<in-dataset>/<model>/``; ``paper``; ``formula``;
+* ``output_gradients(logits)`` — dL/dlogits of the R losses it needs per image, (R, B, K), the rows the
+  engine back-propagates; detectors with the same ``rows`` key need the same rows, so ``--score all``
+  back-propagates them once;
+* ``requests`` and ``reduce`` — which norms of those rows it needs (L1 or L2, every tracked layer or the
+  last) and how they become one value per layer and sample (keep the smallest row, take an expectation …);
+* ``norm`` (1 or 2), ``sign`` (+1: a larger norm means in-distribution, −1: a smaller one) and ``headline``
+  (the row a comparison reports: ``total``, the last layer, or an extra row);
+* ``reference(model, image)`` — its definition: a batch of one, ``loss.backward()``, ``p.grad`` read per
+  layer, written as the paper's code does it. The tests hold the batched version to it in float64.
+
+Adding a detector is one class here (and its test). Each sample's value is its batch-of-one value:
+nothing is ever averaged over a batch.
+"""
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import tracked_parameters
+from utils.per_sample import eval_mode, reference_norms, weight_gradient_norms
+
+ALL_LAYERS = None
+
+
+@dataclass
+class Scores:
+    """One detector's values for each sample of a batch of B."""
+    layers: dict[str, torch.Tensor]  # per tracked weight, model order: the detector's norm of it, (B,)
+    total: torch.Tensor              # the same over all tracked weights together, (B,)
+    chosen: torch.Tensor             # the label of the kept loss, (B,) int64; -1 where no single label is kept
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # further per-sample rows, e.g. a paper's form
+
+
+def _l2(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The L2 norm along ``dim``, scaled by the largest entry first so that tiny values do not underflow."""
+    largest = values.amax(dim, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+    return largest.squeeze(dim) * (values / largest).pow(2).sum(dim).sqrt()
+
+
+def _total(layers: dict[str, torch.Tensor], p: int) -> torch.Tensor:
+    """The p-norm over all tracked weights together from the per-layer p-norms (stacked on dim 0)."""
+    stacked = torch.stack(list(layers.values()))
+    return _l2(stacked, 0) if p == 2 else stacked.sum(0)
+
+
+def cross_entropy_rows(logits: torch.Tensor) -> torch.Tensor:
+    """dL/dlogits of the cross-entropy with each label k, softmax(z) − e_k: (K, B, K).
+
+    Computed without cancellation: p_k − 1 as −Σ_{j≠k} p_j. (Autograd's softmax(z) − e_k rounds p_k − 1 to 0
+    once p_k is within float precision of 1, a confident prediction.)"""
+    probs = logits.softmax(1)
+    labels = torch.eye(logits.shape[1], dtype=probs.dtype, device=probs.device).unsqueeze(1)  # (K, 1, K)
+    others = probs * (1 - labels)
+    return others - labels * others.sum(2, keepdim=True)
+
+
+def _ce_losses(logits: torch.Tensor) -> list[torch.Tensor]:
+    """The cross-entropy with each label k, as a loop computes it."""
+    return [F.cross_entropy(logits, torch.tensor([k], device=logits.device)) for k in range(logits.shape[1])]
+
+
+def _as_dict(model: nn.Module, norms: torch.Tensor, p: int, chosen: int) -> dict[str, float]:
+    """One row of ``reference_norms`` as {layer: value, "total": value, "class": chosen}."""
+    total = norms.pow(2).sum().sqrt() if p == 2 else norms.sum()
+    return {**dict(zip(tracked_parameters(model), norms.tolist())), "total": total.item(), "class": chosen}
+
+
+class Detector:
+    name: str
+    paper: str
+    formula: str
+    script = "track_gradient.py"
+    method = "norm"          # the file's "method": "norm", or "original" for the confounding label
+    rows: str                # detectors with the same key back-propagate the same rows
+    norm: int = 2
+    sign: int = -1           # +1: a larger gradient means in-distribution
+    headline = "total"       # the row a comparison reports: "total", "last" (the last tracked layer) or an extra
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def requests(self, last_layer: str) -> tuple[tuple[int, frozenset[str] | None], ...]:
+        """The norms ``reduce`` needs of this detector's rows: (p, layers or ALL_LAYERS) each."""
+        return ((self.norm, ALL_LAYERS),)
+
+    def reduce(self, norms: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
+        """Per-row norms (R, B) of each request, in order → one value per layer and sample."""
+        raise NotImplementedError
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        """The definition, for one image (3, H, W) and a model in eval mode: every tracked layer's value,
+        ``total``, any extra rows, and ``class`` (the kept label, -1 if none)."""
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        """Settings that change the values (saved in the file; a file with other options is re-tracked)."""
+        return {}
+
+    def headline_row(self, layers: Sequence[str]) -> str:
+        return layers[-1] if self.headline == "last" else self.headline
+
+
+class CrossEntropy(Detector):
+    """The seed's family: the cross-entropy loss with each label k, L_k(x) = −log softmax(f(x))_k, and the
+    gradient of one of them kept per image. L2 norm of every tracked layer; ID has the smaller gradient."""
+    paper = "the seed's per-class cross-entropy gradients"
+    rows = "cross_entropy"
+
+    def __init__(self, name: str, formula: str, sign: int):
+        self.name, self.formula, self.sign = name, formula, sign
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_rows(logits)
+
+    def _row(self, totals: torch.Tensor) -> torch.Tensor:
+        return totals.argmin(0) if self.name == "min" else totals.argmax(0)
+
+    def reduce(self, norms: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
+        layers = norms[0]
+        totals = _total(layers, 2)  # (K, B)
+        row = self._row(totals).unsqueeze(0)
+        return Scores({name: v.gather(0, row)[0] for name, v in layers.items()}, totals.gather(0, row)[0], row[0])
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        norms = reference_norms(model, image, _ce_losses)  # (K, L)
+        k = int(self._row(norms.pow(2).sum(1)))
+        return _as_dict(model, norms[k], 2, k)
+
+
+class Predicted(Detector):
+    name = "pred"
+    paper = "the seed's per-class cross-entropy gradients"
+    formula = "‖∇_W CE(f(x), argmax_k f(x)_k)‖₂"
+    rows = "predicted"
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = cross_entropy_rows(logits)  # (K, B, K)
+        return rows.gather(0, logits.argmax(1)[None, :, None].expand(1, *logits.shape))
+
+    def reduce(self, norms: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
+        layers = {name: v[0] for name, v in norms[0].items()}
+        return Scores(layers, _total(layers, 2), logits.argmax(1))
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        label = int(model(image[None]).argmax(1))
+        norms = reference_norms(model, image, lambda z: [F.cross_entropy(z, z.argmax(1))])
+        return _as_dict(model, norms[0], 2, label)
+
+
+class ConfoundingLabel(Detector):
+    """Lee & AlRegib, "Gradients as a Measure of Uncertainty in Neural Networks", ICIP 2020: for a model with
+    one sigmoid per class, the gradient of ``BCEWithLogitsLoss(f(x), 1)`` — every class on at once, a label
+    no image has; dL/dlogits = (σ(z) − 1)/K. L2 of every tracked layer; +norm as in the original analysis."""
+    name = "original"
+    paper = "Lee & AlRegib, Gradients as a Measure of Uncertainty in Neural Networks, ICIP 2020"
+    formula = "‖∇_W BCEWithLogits(f(x), 1)‖₂ (mean over the K classes)"
+    script = "track_gradient_original.py"
+    method = "original"
+    rows = "confounding"
+    sign = +1
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        return (-torch.sigmoid(-logits) / logits.shape[1]).unsqueeze(0)  # σ(z) − 1 without cancellation
+
+    def reduce(self, norms: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
+        layers = {name: v[0] for name, v in norms[0].items()}
+        return Scores(layers, _total(layers, 2), torch.full((len(logits),), -1, device=logits.device))
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        norms = reference_norms(model, image, lambda z: [F.binary_cross_entropy_with_logits(z, torch.ones_like(z))])
+        return _as_dict(model, norms[0], 2, -1)
+
+
+class GradNorm(Detector):
+    """Huang, Geng & Li, "On the Importance of Gradients for Detecting Distributional Shifts in the Wild",
+    NeurIPS 2021. L = Σ_k −log softmax(f(x)/T)_k (the official code's ``targets = ones``; K·KL(uniform ‖
+    softmax) + const), so dL/dlogits = (K·softmax(f(x)/T) − 1)/T. The **L1** norm of each tracked layer's
+    gradient; the paper scores the last layer. ID has the larger gradient (+norm)."""
+    name = "gradnorm"
+    paper = "Huang, Geng & Li, On the Importance of Gradients for Detecting Distributional Shifts in the Wild, NeurIPS 2021"
+    formula = "‖∇_W Σ_k −log softmax(f(x)/T)_k‖₁, last layer"
+    rows = "uniform"
+    norm = 1
+    sign = +1
+    headline = "last"
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+        self.rows = f"uniform/T={temperature}"
+
+    def options(self) -> dict:
+        return {"temperature": float(self.temperature)}
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        K, T = logits.shape[1], self.temperature
+        return ((K * (logits / T).softmax(1) - 1) / T).unsqueeze(0)
+
+    def reduce(self, norms: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
+        layers = {name: v[0] for name, v in norms[0].items()}
+        return Scores(layers, _total(layers, 1), torch.full((len(logits),), -1, device=logits.device))
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        def official_loss(logits: torch.Tensor) -> list[torch.Tensor]:  # a batch of one, targets = ones
+            outputs = logits / self.temperature
+            targets = torch.ones_like(outputs)
+            return [torch.mean(torch.sum(-targets * F.log_softmax(outputs, dim=-1), dim=-1))]
+
+        return _as_dict(model, reference_norms(model, image, official_loss, p=1)[0], 1, -1)
+
+
+class ExGrad(Detector):
+    """Igoe, Chung, Char & Schneider, "How Useful are Gradients for OOD Detection Really?", 2022: the norm of
+    the cross-entropy gradient expected under the model's own prediction, Σ_k p_k ‖∇_W −log p_k‖, p =
+    softmax(f(x)). Per layer and over all tracked layers with the L2 norm, from the K per-class gradients
+    that ``min``/``max`` compute too; the paper's form, the last layer's L1 norm, is the extra row
+    ``<last layer>:L1`` and the headline. ID has the smaller expected gradient (−norm)."""
+    name = "exgrad"
+    paper = "Igoe, Chung, Char & Schneider, How Useful are Gradients for OOD Detection Really?, 2022"
+    formula = "Σ_k p_k ‖∇_W −log p_k‖ (L2 per layer; the paper's L1 of the last layer)"
+    rows = "cross_entropy"
+    headline = "extra"
+
+    @staticmethod
+    def extra_row(last_layer: str) -> str:
+        return f"{last_layer}:L1"
+
+    def headline_row(self, layers: Sequence[str]) -> str:
+        return self.extra_row(layers[-1])
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_rows(logits)
+
+    def requests(self, last_layer: str) -> tuple[tuple[int, frozenset[str] | None], ...]:
+        return ((2, ALL_LAYERS), (1, frozenset({last_layer})))
+
+    def reduce(self, norms: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
+        (layers, last_l1), probs = norms, logits.softmax(1).T  # probs: (K, B)
+        (last, l1), = last_l1.items()
+        return Scores({name: (probs * v).sum(0) for name, v in layers.items()}, (probs * _total(layers, 2)).sum(0),
+                      torch.full((len(logits),), -1, device=logits.device), {self.extra_row(last): (probs * l1).sum(0)})
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        probs = model(image[None]).softmax(1)[0].detach()  # (K,)
+        l2 = reference_norms(model, image, _ce_losses)  # (K, L): each label's gradient, per layer
+        last_l1 = reference_norms(model, image, _ce_losses, p=1)[:, -1]
+        expected = _as_dict(model, probs @ l2, 2, -1)
+        expected["total"] = (probs @ l2.pow(2).sum(1).sqrt()).item()
+        expected[self.extra_row(list(tracked_parameters(model))[-1])] = (probs @ last_l1).item()
+        return expected
+
+
+DETECTORS: dict[str, Detector] = {d.name: d for d in (
+    CrossEntropy("min", "min_k ‖∇_W CE(f(x), k)‖₂ (the class with the smallest total norm)", sign=-1),
+    CrossEntropy("max", "max_k ‖∇_W CE(f(x), k)‖₂ (the class with the largest total norm)", sign=+1),
+    Predicted(), GradNorm(), ExGrad(), ConfoundingLabel())}
+CONFOUNDING = DETECTORS["original"]
+TRACK_GRADIENT_SCORES = tuple(name for name, d in DETECTORS.items() if d.script == "track_gradient.py")
+
+
+def get_detector(name: str | None, temperature: float = 1.0) -> Detector:
+    """The detector called ``name`` (None or ``original``: the confounding label); ``temperature`` for GradNorm."""
+    name = name or "original"
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+    return GradNorm(temperature) if name == "gradnorm" else DETECTORS[name]
+
+
+def rows_per_sample(detectors: Sequence[Detector], num_classes: int) -> int:
+    """How many gradients are back-propagated per image for these detectors together (what ``--batch-size``
+    counts): each distinct set of rows once."""
+    logits = torch.zeros(1, num_classes)
+    return sum(len(d.output_gradients(logits)) for d in {d.rows: d for d in detectors}.values())
+
+
+def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector]
+                    ) -> tuple[torch.Tensor, dict[str, Scores]]:
+    """Every detector's per-sample values on images ``x`` (B, 3, H, W), from one forward pass and one batched
+    backward pass of the rows they need (each distinct set once). The model runs in eval mode; its modes are
+    restored afterwards. Returns the logits (B, K) and each detector's ``Scores`` by name."""
+    last_layer = list(tracked_parameters(model))[-1]
+    groups = list({d.rows: d for d in detectors}.values())  # one detector per distinct set of rows builds them
+    group_of = {d.rows: i for i, d in enumerate(groups)}
+    requests = list(dict.fromkeys((group_of[d.rows], p, layers) for d in detectors
+                                  for p, layers in d.requests(last_layer)))
+    with eval_mode(model):
+        logits, results = weight_gradient_norms(model, x, lambda z: [d.output_gradients(z) for d in groups],
+                                                tuple(requests))
+    by_request = dict(zip(requests, results))
+    scores = {d.name: d.reduce([by_request[group_of[d.rows], p, layers] for p, layers in d.requests(last_layer)],
+                               logits)
+              for d in detectors}
+    return logits, scores

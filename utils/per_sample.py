@@ -1,0 +1,218 @@
+"""The engine: per-sample weight-gradient norms of a whole batch, without a loop over samples.
+
+For a layer y = W·a (a Linear, or a convolution seen as a matrix product over unfolded input patches), one
+sample's weight gradient is  dL/dW = Σ_s g_s a_sᵀ  over the output positions s, where a_s is the input
+patch and g_s = dL/dy_s the output gradient there. Forward hooks keep every tracked layer's input and
+output; one backward pass gives every output gradient g; a per-layer *rule* turns a and g into the norms
+without a loop over samples. The network runs forward once per image: the R losses tracked per image (one
+per class for ``min``/``max``) differ only in dL/dlogits, so their R output gradients are back-propagated
+together as a batched vector-Jacobian product.
+
+A rule, registered by layer type (``@norm_rule(nn.Linear)``), computes Σ |dL/dW|^p for p = 1 or 2 of
+every (row, sample): supporting a new layer type is one function. Each sample's gradient is that of a
+batch of one when the model is in eval mode (``eval_mode``).
+"""
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import tracked_parameters
+
+NormRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
+_RULES: dict[type[nn.Module], NormRule] = {}
+
+
+def norm_rule(layer_type: type[nn.Module]) -> Callable[[NormRule], NormRule]:
+    """Register ``rule(module, inputs (B, ...), grads (R, B, ...), p) -> (R, B)``: Σ |dL/dW|^p per row and sample."""
+    def register(rule: NormRule) -> NormRule:
+        _RULES[layer_type] = rule
+        return rule
+    return register
+
+
+def _explicit(g: torch.Tensor, a: torch.Tensor, p: int) -> torch.Tensor:
+    """Σ |dL/dW|^p, (R, B), from the per-sample gradients built explicitly: dL/dW = g aᵀ with g (R, B, O, S)
+    and patches a (B, I, S); costs R·B·O·S·I."""
+    R, B, O, S = g.shape
+    per_row = g.transpose(0, 1).reshape(B, R * O, S) @ a.transpose(1, 2)  # (B, R·O, I)
+    per_row = per_row.reshape(B, R, -1)
+    return (per_row.pow(2) if p == 2 else per_row.abs()).sum(2).T
+
+
+def _gram(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """‖dL/dW‖², (R, B), by the Gram identity ‖Σ_s g_s a_sᵀ‖² = Σ_{s,t} (a_s·a_t)(g_s·g_t); costs S²·(R·O + I)."""
+    return ((g.transpose(2, 3) @ g) * (a.transpose(1, 2) @ a)).sum((2, 3))
+
+
+def _gram_is_cheaper(g: torch.Tensor, fan_in: int) -> bool:
+    R, _, O, S = g.shape
+    return S * S * (R * O + fan_in) < R * S * O * fan_in
+
+
+@norm_rule(nn.Linear)
+def linear_norms(module: nn.Linear, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    """y = W a over S positions (S = 1 for a plain (B, I) input): dL/dW = Σ_s g_s a_sᵀ. For S = 1 the gradient
+    g aᵀ has rank one, so ‖·‖₁ = ‖g‖₁‖a‖₁ and ‖·‖₂² = ‖g‖₂²‖a‖₂² exactly; otherwise Gram identity (p = 2) or the
+    explicit gradient, whichever is cheaper."""
+    a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).transpose(1, 2)  # (B, I, S)
+    g = grads.reshape(*grads.shape[:2], -1, grads.shape[-1]).transpose(2, 3)  # (R, B, O, S)
+    if a.shape[2] == 1:
+        if p == 1:
+            return g.abs().sum((2, 3)) * a.abs().sum((1, 2))
+        return g.pow(2).sum((2, 3)) * a.pow(2).sum((1, 2))
+    if p == 2 and _gram_is_cheaper(g, a.shape[1]):
+        return _gram(g, a)
+    return _explicit(g, a, p)
+
+
+def _patches(conv: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
+    """The convolution's input as patches a: (B, I, S), I = fan-in, S = output positions (``F.unfold``'s
+    layout, built from a strided view: several times faster than ``F.unfold`` on the CPU)."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+    windows = F.pad(inputs, (pw, pw, ph, ph)).unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    windows = windows[..., ::dh, ::dw]  # (B, C, H', W', kh, kw)
+    return windows.permute(0, 1, 4, 5, 2, 3).reshape(inputs.shape[0], -1, windows.shape[2] * windows.shape[3])
+
+
+def _shifted(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    """Σ |dL/dW|^p, (R, B), of a stride-1 convolution, one kernel offset at a time: dW[:, :, i, j] is the
+    product of the output gradients and the padded input shifted by that offset. Flattened, with the output
+    rows padded to the input's padded width, each shift is a contiguous slice: no patch matrix is built."""
+    (kh, kw), (dh, dw), (ph, pw) = conv.kernel_size, conv.dilation, conv.padding
+    R, B, O, H, W = grads.shape
+    width = W + dw * (kw - 1)  # of the padded input
+    a = F.pad(inputs, (pw, pw, ph, ph + 1)).flatten(2)  # one more row: the last shift runs past the end
+    g = F.pad(grads, (0, width - W)).transpose(0, 1).reshape(B, R * O, H * width)
+    total = 0
+    for i in range(kh):
+        for j in range(kw):
+            shift = i * dh * width + j * dw
+            block = (g @ a[:, :, shift:shift + H * width].transpose(1, 2)).reshape(B, R, -1)  # (B, R, O·C)
+            total = total + (block.pow(2) if p == 2 else block.abs()).sum(2)
+    return total.T
+
+
+@norm_rule(nn.Conv2d)
+def conv2d_norms(module: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    """dL/dW = Σ_s g_s a_sᵀ over the output positions s, with a_s the input patch (``_patches``). The cheapest
+    exact path: for p = 2 the Gram identity when S²·(R·O + I) < R·S·O·I (small feature maps); otherwise the
+    explicit gradient, from shifted slices of the input (stride 1) or from the patch matrix."""
+    g = grads.flatten(3)  # (R, B, O, S)
+    if p == 2 and _gram_is_cheaper(g, module.weight[0].numel()):
+        return _gram(g, _patches(module, inputs))
+    if module.stride == (1, 1):
+        return _shifted(module, inputs, grads, p)
+    return _explicit(g, _patches(module, inputs), p)
+
+
+def _rule(name: str, module: nn.Module) -> NormRule:
+    rule = _RULES.get(type(module))
+    if isinstance(module, nn.Conv2d) and not (module.groups == 1 and module.padding_mode == "zeros"
+                                              and not isinstance(module.padding, str)):
+        rule = None
+    if rule is None or not name.endswith(".weight"):
+        raise ValueError(f"cannot track {name} ({type(module).__name__}): per-sample gradient norms are "
+                         f"implemented for the weights of {', '.join(t.__name__ for t in _RULES)} "
+                         "(Conv2d: groups=1, zero padding); register a rule with utils.per_sample.norm_rule")
+    return rule
+
+
+def tracked_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The module of each tracked weight (``models.tracked_parameters``), by parameter name, in model order."""
+    modules = dict(model.named_modules())
+    layers = {name: modules[name.rpartition(".")[0]] for name in tracked_parameters(model)}
+    for name, module in layers.items():
+        _rule(name, module)
+    return layers
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with every module of ``model`` in eval mode (BatchNorm uses and never updates its
+    running statistics, dropout is off), then give each module its previous mode back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def reference_norms(model: nn.Module, image: torch.Tensor,
+                    losses: Callable[[torch.Tensor], list[torch.Tensor]], p: int = 2) -> torch.Tensor:
+    """The definition the engine is held to, for one image (3, H, W) and a model in eval mode: a batch of one,
+    ``zero_grad`` and ``loss.backward()`` for each loss of ``losses(logits)``, the p-norm of each tracked
+    weight's ``.grad``. Returns (R, L): R losses, L tracked weights in model order. Slow by design."""
+    weights = list(tracked_parameters(model).values())
+    tracked = losses(model(image[None]))
+    rows = []
+    for i, loss in enumerate(tracked):
+        model.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=i < len(tracked) - 1)
+        rows.append(torch.stack([w.grad.norm() if p == 2 else w.grad.abs().sum() for w in weights]))
+    return torch.stack(rows).detach()
+
+
+NormRequest = tuple[int, int, frozenset[str] | None]
+"""(group, p, layers): the p-norm (p = 1 or 2) of the weight gradients of the losses of row group ``group``,
+for ``layers`` (None: every tracked layer)."""
+
+
+def weight_gradient_norms(model: nn.Module, x: torch.Tensor,
+                          output_grads: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]],
+                          requests: tuple[NormRequest, ...] = ((0, 2, None),)
+                          ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """One forward pass of ``x`` (B images) and one batched backward pass.
+
+    ``output_grads(logits)`` gives dL/dlogits, (R, B, K), for R per-sample losses L, or a list of such row
+    groups, all back-propagated together. Returns the logits (B, K) and, for each request ``(group, p,
+    layers)``, a dict: for each of those tracked weights W in model order, the p-norm ‖dL/dW‖_p of each loss
+    of that group for every sample, (R_group, B). The backward pass carries each
+    dL/dlogits scaled to unit length (the gradients are linear in it), so tiny gradients of confident
+    predictions neither underflow nor lose precision.
+    """
+    layers = tracked_layers(model)
+    inputs, outputs = {}, {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if name in outputs:
+                raise ValueError(f"{name} is used twice in one forward pass; its per-sample gradient is not tracked")
+            inputs[name], outputs[name] = args[0].detach(), output
+        return hook
+
+    handles = [module.register_forward_hook(keep(name)) for name, module in layers.items()]
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    unused = [name for name in layers if name not in outputs]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not used in the forward pass")
+    groups = output_grads(logits.detach())
+    groups = [groups] if isinstance(groups, torch.Tensor) else groups
+    bounds = torch.tensor([0, *(len(g) for g in groups)]).cumsum(0).tolist()
+    cotangents = torch.cat(groups)
+    scale = torch.linalg.vector_norm(cotangents, dim=2).clamp_min(torch.finfo(cotangents.dtype).tiny)  # (R, B)
+    unit = cotangents / scale.unsqueeze(2)
+    targets = [outputs[name] for name in layers]
+    if len(unit) == 1:  # one loss per sample: a plain backward pass, no vmap over the losses
+        grads = [grad.unsqueeze(0) for grad in torch.autograd.grad(logits, targets, unit[0])]
+    else:
+        grads = torch.autograd.grad(logits, targets, unit, is_grads_batched=True)
+    results = []
+    for group, p, wanted in requests:
+        rows = slice(bounds[group], bounds[group + 1])
+        norms = {}
+        for (name, module), grad in zip(layers.items(), grads):
+            if wanted is None or name in wanted:
+                power_sum = _rule(name, module)(module, inputs[name], grad[rows], p)
+                norms[name] = scale[rows] * (power_sum.sqrt() if p == 2 else power_sum)
+        results.append(norms)
+    return logits.detach(), results
