@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     run("train_original.py", "--name=bce", *common, "--batch-size=32", f"--epochs={bce_epochs}", "--lr=0.05",
         checkpoints, "--overwrite")
     for dataset in OOD_SETS:
-        run("track_gradient.py", "--name=energy", f"--dataset={dataset}", "--score=min", f"--limit={limit}",
+        run("track_gradient.py", "--name=energy", f"--dataset={dataset}", "--score=all", f"--limit={limit}",
             *common, checkpoints, gradients)
         run("track_gradient_original.py", "--name=bce", f"--dataset={dataset}", f"--limit={limit}",
             *common, checkpoints, gradients)

@@ -1,16 +1,20 @@
 """Throughput of per-sample gradient tracking: the plain loop, the batched engine, and the ceiling.
 
-* loop:    a batch of one, ``loss.backward()`` for each tracked loss (K for min/max), ``p.grad`` read per layer;
-* engine:  ``utils.gradients.gradient_norms`` on batches of ``--batch-size`` rows (K rows an image for min/max);
-* ceiling: a plain batched forward + backward of the same rows (each image repeated once per loss), with the
-  usual summed weight gradients: what one training step on that work costs.
+* loop:    each detector's definition (``Detector.reference``): a batch of one, ``loss.backward()`` for each
+           loss it needs (K for min/max/exgrad), ``p.grad`` read per layer;
+* engine:  ``utils.detectors.gradient_scores`` on batches of ``--batch-size`` rows (K rows an image for
+           min/max/exgrad, one for pred/gradnorm/original; ``all``: each distinct set of rows once);
+* ceiling: a plain batched forward + backward of the same rows (each image repeated once per row), with the
+           usual summed weight gradients: what one training step on that work costs.
 
-All three run on the same random model and the same random images (``tests/test_gradients.py`` holds the
-engine to the loop's numbers). ``--memory`` also reports the engine's
-peak memory over 500 and 2,000 images (fresh processes; RSS on the CPU, allocated memory on CUDA), which
-``--batch-size`` bounds whatever the number of images.
+With ``--score all`` it also times the detectors' separate engine runs, one after the other, against the one
+shared pass. All run on the same random model and the same random images (``tests/test_detectors.py`` holds
+the engine to the loop's numbers). ``--memory`` also reports the engine's peak memory over 500 and 2,000
+images (fresh processes; RSS on the CPU, allocated memory on CUDA), which ``--batch-size`` bounds whatever
+the number of images.
 
     python bench/track_bench.py --arch resnet20 --score min
+    python bench/track_bench.py --arch resnet20 --score all
     python bench/track_bench.py --arch wrn40_2 --score original --n 32 --memory
 """
 import argparse
@@ -22,13 +26,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from utils.gradients import SCORES, gradient_norms, rows_per_sample  # noqa: E402
+from utils.detectors import DETECTORS, TRACK_GRADIENT_SCORES, Detector, gradient_scores, rows_per_sample  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -42,48 +45,26 @@ def images(n: int, device: str, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def losses(logits: torch.Tensor, score: str | None) -> list[torch.Tensor]:
-    """The tracked losses of one image (logits of shape (1, K)), as the plain loop computes them."""
-    if score is None:
-        return [F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))]
-    labels = [logits.argmax(1)] if score == "pred" else [torch.tensor([k], device=logits.device)
-                                                        for k in range(logits.shape[1])]
-    return [F.cross_entropy(logits, label) for label in labels]
-
-
-def loop(model: nn.Module, x: torch.Tensor, score: str | None) -> torch.Tensor:
-    """Per-layer norms (N, L) of the tracked gradient, one image and one ``backward()`` at a time."""
-    params = list(models.tracked_parameters(model).values())
-    rows = []
+def loop(model: nn.Module, x: torch.Tensor, detectors: list[Detector]) -> None:
+    """Each detector's batch-of-one definition on every image, one ``backward()`` per loss."""
     for image in x:
-        candidates = []
-        tracked = losses(model(image[None]), score)
-        for i, loss in enumerate(tracked):
-            model.zero_grad(set_to_none=True)
-            loss.backward(retain_graph=i < len(tracked) - 1)
-            candidates.append(torch.stack([p.grad.norm() for p in params]))
-        candidates = torch.stack(candidates)
-        totals = candidates.pow(2).sum(1)
-        rows.append(candidates[totals.argmax() if score == "max" else totals.argmin()])
-    return torch.stack(rows)
+        for detector in detectors:
+            detector.reference(model, image)
 
 
-def ceiling(model: nn.Module, x: torch.Tensor, score: str | None) -> None:
-    """One forward + backward of the rows the engine back-propagates: each image once per tracked loss."""
-    if score in ("min", "max"):
-        logits = model(x.repeat_interleave(NUM_CLASSES, 0))
-        loss = F.cross_entropy(logits, torch.arange(NUM_CLASSES, device=x.device).repeat(len(x)), reduction="sum")
-    else:
-        logits = model(x)
-        loss = (F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="sum") if score is None
-                else F.cross_entropy(logits, logits.argmax(1), reduction="sum"))
+def ceiling(model: nn.Module, x: torch.Tensor, detectors: list[Detector]) -> None:
+    """One forward + backward of the rows the engine back-propagates: each image once per row, each row's
+    loss the linear one whose dL/dlogits is that row."""
+    rows = rows_per_sample(detectors, NUM_CLASSES)
+    logits = model(x.repeat_interleave(rows, 0))
+    with torch.no_grad():
+        cotangents = torch.cat([d.output_gradients(logits[::rows]) for d in {d.rows: d for d in detectors}.values()])
     model.zero_grad(set_to_none=True)
-    loss.backward()
+    logits.backward(cotangents.transpose(0, 1).reshape(-1, NUM_CLASSES))
 
 
-def engine(model: nn.Module, x: torch.Tensor, score: str | None) -> torch.Tensor:
-    out = gradient_norms(model, x, score)
-    return torch.stack(list(out.layers.values()), 1)
+def engine(model: nn.Module, x: torch.Tensor, detectors: list[Detector]) -> None:
+    gradient_scores(model, x, detectors)
 
 
 def throughput(step: Callable[[torch.Tensor], object], x: torch.Tensor, images_per_batch: int, device: str) -> float:
@@ -98,31 +79,37 @@ def throughput(step: Callable[[torch.Tensor], object], x: torch.Tensor, images_p
     return len(x) / (time.perf_counter() - start)
 
 
-def peak_memory_mib(arch: str, score: str | None, batch_size: int, n: int, device: str) -> float:
+def peak_memory_mib(arch: str, score: str, batch_size: int, n: int, device: str) -> float:
     """The engine's peak memory (MiB) over ``n`` images generated batch by batch: RSS of this process on the
     CPU (run it in a fresh process), allocated memory on CUDA."""
     model = make_model(arch, device)
-    per_batch = max(1, batch_size // rows_per_sample(score, NUM_CLASSES))
+    detectors = chosen(score)
+    per_batch = max(1, batch_size // rows_per_sample(detectors, NUM_CLASSES))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(0, n, per_batch):
-        engine(model, images(min(per_batch, n - i), device, seed=i), score)
+        engine(model, images(min(per_batch, n - i), device, seed=i), detectors)
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # Linux reports KiB
 
 
+def chosen(score: str) -> list[Detector]:
+    return [DETECTORS[name] for name in (TRACK_GRADIENT_SCORES if score == "all" else [score])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet20", choices=models.ARCHS)
-    parser.add_argument("--score", default="min", choices=(*SCORES, "original"))
+    parser.add_argument("--score", default="min", choices=(*DETECTORS, "all"),
+                        help="a detector (original: the confounding label), or all of track_gradient.py's")
     parser.add_argument("--batch-size", type=int, default=256, help="rows back-propagated at once, as in tracking")
     parser.add_argument("--n", type=int, default=50, help="images timed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory over 500 and 2,000 images")
     args = parser.parse_args()
-    score = None if args.score == "original" else args.score
-    rows = rows_per_sample(score, NUM_CLASSES)
+    detectors = chosen(args.score)
+    rows = rows_per_sample(detectors, NUM_CLASSES)
     per_batch = max(1, args.batch_size // rows)
 
     model = make_model(args.arch, args.device)
@@ -130,20 +117,29 @@ def main() -> None:
     print(f"{args.arch}, score {args.score}, {rows} row(s) an image, batches of {per_batch} images, n = {args.n}, "
           f"device {args.device}, {torch.get_num_threads()} threads")
 
-    loop_rate = throughput(lambda b: loop(model, b, score), x, 1, args.device)
-    engine_rate = throughput(lambda b: engine(model, b, score), x, per_batch, args.device)
-    ceiling_rate = throughput(lambda b: ceiling(model, b, score), x, per_batch, args.device)
+    loop_rate = throughput(lambda b: loop(model, b, detectors), x, 1, args.device)
+    engine_rate = throughput(lambda b: engine(model, b, detectors), x, per_batch, args.device)
+    ceiling_rate = throughput(lambda b: ceiling(model, b, detectors), x, per_batch, args.device)
     print(f"loop     {loop_rate:8.1f} images/s")
     print(f"engine   {engine_rate:8.1f} images/s   {engine_rate / loop_rate:.2f}x the loop")
     print(f"ceiling  {ceiling_rate:8.1f} images/s   engine at {engine_rate / ceiling_rate:.2f} of it "
           f"(forward + backward of {per_batch * rows} rows a batch)")
+    if len(detectors) > 1:
+        seconds = sum(1 / throughput(lambda b, d=d: engine(model, b, [d]), x, per_batch_of(d, args.batch_size),
+                                     args.device) for d in detectors)  # per image, the detectors one after another
+        print(f"separate {1 / seconds:8.1f} images/s   each detector's own engine run, one after the other: "
+              f"the shared pass is {engine_rate * seconds:.2f}x faster")
 
     if args.memory:
         spawn = multiprocessing.get_context("spawn")
         for n in (500, 2000):
             with spawn.Pool(1) as pool:
-                mib = pool.apply(peak_memory_mib, (args.arch, score, args.batch_size, n, args.device))
+                mib = pool.apply(peak_memory_mib, (args.arch, args.score, args.batch_size, n, args.device))
             print(f"engine peak memory over {n:5d} images: {mib:7.0f} MiB")
+
+
+def per_batch_of(detector: Detector, batch_size: int) -> int:
+    return max(1, batch_size // rows_per_sample([detector], NUM_CLASSES))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from utils.detectors import TRACK_GRADIENT_SCORES
 from utils.gradients import gradient_path, load_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def test_energy_training_separates_inlier_and_outlier_energies(demo):
 
 
 def test_gradient_files_cover_every_set_with_the_limit(demo):
-    for score in ("min", None):
+    for score in (*TRACK_GRADIENT_SCORES, None):
         name = "energy" if score else "bce"
         for dataset in ("digits", *OOD_SETS):
             record = load_gradients(gradient_path("digits", name, score, dataset, demo / "gradients"))
