@@ -16,12 +16,14 @@ import argparse
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.combine import SHRINKAGE, GaussianFit, combined_score, fit_gaussian
 from utils.detectors import TRACK_GRADIENT_SCORES
 from utils.gradients import GRADIENT_ROOT, GradientFileError, gradient_path, load_gradients
 from utils.metrics import (SAVED_FORMS, average_table, baseline_scores, best_and_worst_layers, detection_table,
                            format_table, gradient_rows, score_sign, write_table)
 from utils.plots import plot_detection
 from utils.runtime import run_script
+from utils.tracking import TRAIN_SPLIT
 
 DEFAULT_IN_DATASET = "CIFAR-10"
 
@@ -36,6 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="all", help="OOD set, or 'all' for every tracked one (default: all)")
     parser.add_argument("--in-dataset", default=DEFAULT_IN_DATASET, help=f"default: {DEFAULT_IN_DATASET}")
     parser.add_argument("--flip", action="store_true", help="invert the gradient score's sign")
+    parser.add_argument("--combine", choices=(*SHRINKAGE, "none"), default="ledoitwolf",
+                        help="the 'combined' row: a Gaussian on the log per-layer norms of the in-distribution "
+                             "training images (track with --dataset train), covariance shrunk by this estimator; "
+                             "skipped with a note when that file is missing (default: %(default)s)")
     parser.add_argument("--plot", action="store_true",
                         help="save ID-vs-OOD histograms and ROC curves of total and the best and worst layer")
     parser.add_argument("--gpu", help="accepted for symmetry with the other scripts; metrics run on the CPU")
@@ -47,8 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.saved_form == "original_single" and args.score is not None:
         parser.error("--score does not apply to --saved_form=original_single (one confounding-label gradient "
                      "per sample); leave it out")
-    if args.dataset == args.in_dataset:
-        parser.error(f"--dataset={args.dataset} is the in-distribution set; name an OOD set or 'all'")
+    if args.dataset in (args.in_dataset, TRAIN_SPLIT):
+        parser.error(f"--dataset={args.dataset} is the in-distribution set (its test split, or the training split "
+                     "the combined row is fit on); name an OOD set or 'all'")
     return args
 
 
@@ -105,7 +112,8 @@ def ood_datasets(args: argparse.Namespace, folder: Path) -> list[str]:
     """``--dataset``, or for ``all`` every OOD set tracked in ``folder``, in alphabetical order."""
     if args.dataset != "all":
         return [args.dataset]
-    names = sorted((p.stem for p in folder.glob("*.pkl") if p.stem != args.in_dataset), key=str.lower)
+    names = sorted((p.stem for p in folder.glob("*.pkl")
+                    if p.stem not in (args.in_dataset, TRAIN_SPLIT) and ".shard" not in p.stem), key=str.lower)
     if not names:
         raise UserError(f"no OOD gradients files in {folder}; make them with `{track_command(args, 'all')}`")
     return names
@@ -129,6 +137,24 @@ def plot_table(table: dict, id_record: dict, ood_record: dict, sign: int, folder
         score_label=f"score = {'+' if sign > 0 else '−'}norm", in_dataset=table["in_dataset"],
         ood_dataset=table["ood_dataset"], baselines=baselines)
         for row, role in roles.items()]
+
+
+def combined_fit(args: argparse.Namespace, id_record: dict, id_path: Path) -> GaussianFit | None:
+    """The Gaussian of the ``combined`` row, fit on the training split's file alone (``utils.combine``), or
+    None, with a note, when ``--combine none`` or that file is missing."""
+    if args.combine == "none":
+        return None
+    path = gradient_path(args.in_dataset, args.name, args.score, TRAIN_SPLIT, args.gradient_root)
+    if not path.is_file():
+        print(f"No 'combined' row: {path} (the in-distribution training images it is fit on) is missing; "
+              f"make it with `{track_command(args, TRAIN_SPLIT)}`.\n")
+        return None
+    train_record = load_record(path, args, TRAIN_SPLIT)
+    check_same_model(id_record, id_path, train_record, path)
+    fit = fit_gaussian(train_record, args.combine)
+    print(f"'combined': a Gaussian ({args.combine} shrinkage {fit.shrinkage:.3f}) on the log per-layer norms of "
+          f"{fit.num_samples} in-distribution training images ({path}).\n")
+    return fit
 
 
 def results_folder(args: argparse.Namespace) -> Path:
@@ -155,11 +181,15 @@ def main(argv: list[str] | None = None) -> None:
         ood_records[dataset] = load_record(path, args, dataset)
         check_same_model(id_record, id_path, ood_records[dataset], path)
 
+    fit = combined_fit(args, id_record, id_path)
     sign = score_sign(args.saved_form, args.score, args.flip)
     folder = results_folder(args)
     tables = []
     for dataset, ood_record in ood_records.items():
-        table = detection_table(id_record, ood_record, args.saved_form, args.score, args.flip)
+        distances = (-combined_score(fit, id_record), -combined_score(fit, ood_record)) if fit else None
+        table = detection_table(id_record, ood_record, args.saved_form, args.score, args.flip, distances)
+        if fit:
+            table["combined"] = fit.describe()
         written = write_table(table, folder / dataset)
         if args.plot:
             written += plot_table(table, id_record, ood_record, sign, folder)

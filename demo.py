@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoints, "--overwrite")
     run("train_original.py", "--name=bce", *common, "--batch-size=32", f"--epochs={bce_epochs}", "--lr=0.05",
         checkpoints, "--overwrite")
-    for dataset in OOD_SETS:
+    # "train": the digits training images the combined row's Gaussian is fit on; then the OOD sets.
+    for dataset in ("train", *OOD_SETS):
         run("track_gradient.py", "--name=energy", f"--dataset={dataset}", "--score=all", f"--limit={limit}",
             *common, checkpoints, gradients)
         run("track_gradient_original.py", "--name=bce", f"--dataset={dataset}", f"--limit={limit}",

@@ -16,7 +16,7 @@ from utils.data import NORMALIZATION, get_dataset
 from utils.detectors import DETECTORS, TRACK_GRADIENT_SCORES, gradient_scores
 from utils.gradients import CHECKPOINT_HASH_KEY, MODEL_KEYS, gradient_path, load_gradients
 from utils.runtime import run_script
-from utils.tracking import Part
+from utils.tracking import TRAIN_SUBSET_SEED, Part
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = ("gaussian", "rademacher", "blobs")
@@ -203,3 +203,19 @@ def test_gradnorm_temperature_is_recorded_and_a_file_of_another_temperature_is_r
     at_1000 = load(roots, "net", "gradnorm", "digits")
     assert (at_one["options"], at_1000["options"]) == ({"temperature": 1.0}, {"temperature": 1000.0})
     assert not np.allclose(at_one["total"], at_1000["total"])
+
+
+def test_the_training_split_is_a_seeded_unaugmented_subset(roots):
+    """--dataset train: --limit images of the in-distribution training split, drawn with a fixed seed, without
+    augmentation, written as train.pkl beside the test files (what the combined detector is fit on)."""
+    model = make_checkpoint(roots["checkpoint"], "net")
+    run(track_gradient, roots, "--name=net", "--dataset=train", "--score=pred", "--limit=6")
+    record = load(roots, "net", "pred", "train")
+    assert (record["dataset"], record["num_samples"]) == ("train", 6)
+    indices = np.sort(np.random.default_rng(TRAIN_SUBSET_SEED).choice(1297, 6, replace=False))
+    train_set = get_dataset("digits", roots["data"], train=True, augment=False)
+    images, labels = zip(*(train_set[int(i)] for i in indices))
+    np.testing.assert_array_equal(record["label"], labels)
+    _, scores = gradient_scores(model, torch.stack(images), [DETECTORS["pred"]])
+    np.testing.assert_allclose(record["total"], scores["pred"].total.numpy(), rtol=1e-6)
+    assert load(roots, "net", "pred", "digits")["num_samples"] == 6  # the ID test set, tracked first as always

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from utils.combine import COMBINED_ROW
 from utils.detectors import CONFOUNDING, TRACK_GRADIENT_SCORES, Detector, get_detector
 from utils.io import atomic_write
 
@@ -30,7 +31,9 @@ CONVENTIONS = ("ID is the positive class; a higher score means more in-distribut
                "thresholds.",
                "AUROC. AUPR-In: ID positive. AUPR-Out: OOD positive, score negated.",
                "Mean ± std: of the raw values (gradient norm; MSP; energy E(x) = -logsumexp f(x)).",
-               "Baselines: score = MSP and -E(x) = logsumexp f(x); --flip does not apply to them.")
+               "combined: -Mahalanobis distance of the log per-layer norms from a Gaussian fit on ID training "
+               "images only (--dataset train).",
+               "Baselines: score = MSP and -E(x) = logsumexp f(x); --flip applies to neither them nor combined.")
 
 
 def _scores_and_labels(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
@@ -136,17 +139,21 @@ def _row(name: str, kind: str, score: str, id_values, ood_values, sign: int) -> 
 
 
 def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: str | None,
-                    flip: bool = False) -> dict:
-    """Metrics (in %) of every layer, ``total`` and the MSP / Energy baselines for one ID–OOD pair.
+                    flip: bool = False, combined: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Metrics (in %) of every layer, ``total``, the detector's extra rows, the ``combined`` row (when
+    ``combined`` gives the ID and OOD Mahalanobis distances of ``utils.combine``) and the MSP / Energy
+    baselines for one ID–OOD pair.
 
     Each row also holds the mean and (population) standard deviation of the raw values: gradient norms,
-    MSP, and the stored energy E(x). ``flip`` applies to the gradient rows only.
+    distances, MSP, and the stored energy E(x). ``flip`` applies to the gradient rows only.
     """
     sign = score_sign(saved_form, score, flip)
     gradient_label = "+norm" if sign > 0 else "-norm"
     id_rows, ood_rows = gradient_rows(id_record), gradient_rows(ood_record)
     rows = [_row(name, _row_kind(id_record, name), gradient_label, id_rows[name], ood_rows[name], sign)
             for name in id_rows]
+    if combined is not None:
+        rows.append(_row(COMBINED_ROW, "combined", "-distance", *combined, -1))
     rows += [_row(name, "baseline", ("-" if b_sign < 0 else "") + key, id_record[key], ood_record[key], b_sign)
              for name, (key, b_sign) in BASELINES.items()]
     headline = detector_of(saved_form, score).headline_row(list(id_record["layers"]))

@@ -34,6 +34,9 @@ from utils.gradients import (CHECKPOINT_HASH_KEY, FORMAT_VERSION, GRADIENT_ROOT,
 from utils.runtime import default_workers, get_device, loader_workers
 
 ARRAY_KEYS = ("total", "class", "pred", "label", "msp", "energy")
+TRAIN_SPLIT = "train"  # --dataset train: the in-distribution training split, the combined detector's fit data
+DEFAULT_TRAIN_SAMPLES = 5_000
+TRAIN_SUBSET_SEED = 0
 DTYPES = {"class": np.int64, "pred": np.int64, "label": np.int64}  # every other array is float32
 
 
@@ -42,8 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
     (``track_gradient_original.py`` is the confounding label)."""
     parser.add_argument("--name", required=True, help="the run name the model was trained under")
     parser.add_argument("--dataset", required=True,
-                        help=f"the data set to track: one of {', '.join(IN_DATASETS + OOD_DATASETS)}, or 'all' "
-                             "for every OOD set whose data is present")
+                        help=f"the data set to track: one of {', '.join(IN_DATASETS + OOD_DATASETS)}; 'all' for "
+                             f"every OOD set whose data is present; '{TRAIN_SPLIT}' for a seeded subset of "
+                             f"--limit (default {DEFAULT_TRAIN_SAMPLES:,}) images of the in-distribution training "
+                             "split, without augmentation (what the combined detector is fit on)")
     if with_score:
         parser.add_argument("--score", choices=(*TRACK_GRADIENT_SCORES, "all"), default="min",
                             help="the detector: min/max/pred keep the smallest, largest or predicted label's of "
@@ -60,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                         help="gradients back-propagated at once, which bounds memory: an image costs K of them "
                              "for min/max/exgrad (one per class), one for pred/gradnorm/the confounding label, "
                              "K + 2 for --score=all (default: %(default)s)")
-    parser.add_argument("--limit", type=int, metavar="N", help="track only the first N samples of each set")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help=f"track only the first N samples of each set (--dataset {TRAIN_SPLIT}: N random images)")
     parser.add_argument("--shard", metavar="I/N", type=_shard,
                         help="track only the I-th of N parts of each set (0 <= I < N); the last part to finish "
                              "merges them")
@@ -262,10 +268,20 @@ def main(args: argparse.Namespace) -> None:
             print(f"--dataset=all: no data under {args.data_root} for {', '.join(missing)}; skipping them")
     else:
         names = [args.dataset]
-    datasets = {name: get_dataset(name, args.data_root) for name in [args.in_dataset, *names]}
+    datasets = {name: training_subset(args.in_dataset, args.data_root, args.limit) if name == TRAIN_SPLIT
+                else get_dataset(name, args.data_root) for name in [args.in_dataset, *names]}
     for name, dataset in datasets.items():
         track_and_save(model, model_info, name, dataset, detectors, args, device, workers,
                        only_if_stale=name == args.in_dataset)
+
+
+def training_subset(in_dataset: str, data_root: str, limit: int | None) -> Dataset:
+    """``limit`` (default ``DEFAULT_TRAIN_SAMPLES``) images of ``in_dataset``'s training split without
+    augmentation, drawn without replacement with seed ``TRAIN_SUBSET_SEED``, in index order."""
+    full = get_dataset(in_dataset, data_root, train=True, augment=False)
+    count = min(limit or DEFAULT_TRAIN_SAMPLES, len(full))
+    indices = np.sort(np.random.default_rng(TRAIN_SUBSET_SEED).choice(len(full), count, replace=False))
+    return Subset(full, indices.tolist())
 
 
 def _warn_on_a_loss_mismatch(loss: str | None, script: str) -> None:

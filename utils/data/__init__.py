@@ -27,8 +27,8 @@ NORMALIZATION = {  # (mean, std) per channel of the training images
 }
 
 
-def _digits(data_root: Path, train: bool) -> Dataset:
-    return bundled.Digits(train)
+def _digits(data_root: Path, train: bool, *, augment: bool = True) -> Dataset:
+    return bundled.Digits(train, augment)
 
 
 def _sample_photos(data_root: Path, train: bool, *, num_samples: int = 10_000, seed: int = 0) -> Dataset:
@@ -82,7 +82,8 @@ def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = Fal
 
     ``train`` picks the training split and its augmentation for in-distribution sets, and the augmentation
     for auxiliary sets; OOD sets are test sets only. Options: ``num_samples`` and ``seed`` for
-    ``gaussian``, ``rademacher``, ``blobs`` and ``sample_photos``. A missing file raises
+    ``gaussian``, ``rademacher``, ``blobs`` and ``sample_photos``; ``augment=False`` for the
+    in-distribution sets (their training split without augmentation, as gradient tracking reads it). A missing file raises
     ``DataNotFoundError`` (a ``UserError``) that says where the file belongs and where to get it.
     """
     source = _source(name)

@@ -33,10 +33,11 @@ PHOTO_SCALES = tuple(2 ** (-k / 2) for k in range(8))
 class Digits(Dataset):
     """The ``digits`` split as 3x32x32 tensors in [0, 1] with labels 0..9.
 
-    ``train=True`` augments with RandomCrop(32, padding=4) only: digits are not mirror-symmetric.
+    ``train=True`` augments with RandomCrop(32, padding=4) only: digits are not mirror-symmetric
+    (``augment=False``: the training images as they are).
     """
 
-    def __init__(self, train: bool = False):
+    def __init__(self, train: bool = False, augment: bool = True):
         digits = load_digits()
         train_index, test_index = train_test_split(np.arange(len(digits.target)), test_size=DIGITS_TEST_SIZE,
                                                    stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
@@ -44,7 +45,7 @@ class Digits(Dataset):
         images = torch.from_numpy(digits.images[index].astype(np.float32) / 16).unsqueeze(1)
         self.images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
         self.labels = digits.target[index].tolist()
-        self.augment = train_augmentation(flip=False) if train else None
+        self.augment = train_augmentation(flip=False) if train and augment else None
 
     def __len__(self) -> int:
         return len(self.labels)

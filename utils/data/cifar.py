@@ -31,14 +31,15 @@ def locate(name: str, data_root: Path) -> None:
         raise DataNotFoundError(f"{name}: {missing[0]} not found. {_layout(name, data_root)}")
 
 
-def build(name: str, data_root: Path, train: bool) -> datasets.CIFAR10:
+def build(name: str, data_root: Path, train: bool, *, augment: bool = True) -> datasets.CIFAR10:
     """torchvision's ``CIFAR10``/``CIFAR100``; downloaded only when files are missing.
 
-    ``train=True`` augments with RandomCrop(32, padding=4) and RandomHorizontalFlip as in Outlier Exposure;
-    ``train=False`` is ToTensor only. torchvision checks the md5 of every file it reads.
+    ``train=True`` augments with RandomCrop(32, padding=4) and RandomHorizontalFlip as in Outlier Exposure
+    (``augment=False``: the training images as they are); ``train=False`` is ToTensor only. torchvision
+    checks the md5 of every file it reads.
     """
     cls, folder = _CLASSES[name]
-    steps = [transforms.ToTensor()] + ([train_augmentation()] if train else [])
+    steps = [transforms.ToTensor()] + ([train_augmentation()] if train and augment else [])
     download = bool(_missing_files(name, data_root))
     try:
         return cls(str(data_root / folder), train=train, transform=transforms.Compose(steps), download=download)
