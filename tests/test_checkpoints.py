@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import models
+import train_original
 from utils.checkpoints import describe_checkpoints, load_checkpoint, load_model, save_checkpoint
 from utils.data import NORMALIZATION
-from utils.errors import UnreadableFileError
+from utils.errors import UnreadableFileError, UserError
 from utils.runtime import run_script
 
 
@@ -95,3 +96,11 @@ def test_describe_checkpoints_names_every_epoch_in_numeric_order(tmp_path):
     (tmp_path / "last.pt").unlink()
     assert describe_checkpoints(tmp_path) == "epoch_1.pt to epoch_3.pt, epoch_10.pt, epoch_12.pt"
 
+
+def test_training_refuses_a_trained_folder_naming_all_it_holds(tmp_path):
+    folder = tmp_path / "digits" / "net"
+    folder.mkdir(parents=True)
+    for name in ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "last.pt"]:
+        (folder / name).touch()
+    with pytest.raises(UserError, match=r"already holds a trained model \(epoch_1.pt to epoch_3.pt, last.pt\)"):
+        train_original.main(["--name=net", f"--checkpoint-root={tmp_path}", "--in-dataset=digits", "--gpu=-1"])
