@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     if not source.is_file():
         raise not_found("SVHN", source, "It is SVHN's test split in the 32x32 format (test_32x32.mat).",
                         f"Download it from {SVHN_URL} into {source.parent}/.")
-    images, labels = read_mat(source)
+    images, labels = read_mat(source, f"Download it again from {SVHN_URL} into {source.parent}/.")
     keep = select_per_class(labels, args.per_class)
     save_mat_atomically(target, {"X": images[..., keep], "y": labels[keep]})
 

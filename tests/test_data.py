@@ -17,7 +17,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from utils.data import (AUX_DATASETS, IN_DATASETS, NORMALIZATION, NUM_CLASSES, OOD_DATASETS, dataset_available,
                         get_dataset)
 from utils.data.tinyimages import TinyImages
-from utils.errors import DataNotFoundError, UserError
+from utils.errors import DataNotFoundError, UnreadableFileError, UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -182,6 +182,28 @@ def test_svhn_missing_file_says_how_to_make_it(tmp_path):
     assert "http://ufldl.stanford.edu/housenumbers/" in message
 
 
+def damage(path: Path, how: str) -> None:
+    """Rewrite ``path`` as a file cut in half, or as text that is no such file at all."""
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 2] if how == "truncated" else b"not this kind of file\n" * 40)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "other arrays"])
+def test_svhn_unreadable_mat_says_how_to_write_it_again(tmp_path, how):
+    path = tmp_path / "ood_datasets" / "svhn" / "selected_test_32x32.mat"
+    path.parent.mkdir(parents=True)
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 50), np.uint8), "y": np.ones((50, 1), np.uint8)})
+    if how == "other arrays":
+        scipy.io.savemat(path, {"images": np.zeros((32, 32, 3, 50), np.uint8)})
+    else:
+        damage(path, how)
+    with pytest.raises(UnreadableFileError) as error:
+        get_dataset("SVHN", tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{path} is not a readable SVHN .mat file")
+    assert f"Write it again with `python select_svhn_data.py --data-root {tmp_path}`." in message
+
+
 # ---------------------------------------------------------------------------------------------- image folders
 
 
@@ -315,12 +337,26 @@ def test_tiny_images_without_exclusion_list_warns(tmp_path):
     assert len(dataset) == 4
 
 
-def test_tiny_images_truncated_file_is_a_user_error(tmp_path):
-    write_tiny_images(tmp_path, 2, [])
-    with open(tmp_path / "unlabeled_datasets/80M_Tiny_Images/tiny_images.bin", "ab") as file:
-        file.write(b"\0" * 100)
-    with pytest.raises(UserError, match="not a positive multiple of 3072"):
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_tiny_images_truncated_or_foreign_file_is_a_user_error(tmp_path, how):
+    write_tiny_images(tmp_path, 3, [1])  # cut in half: 1.5 images
+    path = tmp_path / "unlabeled_datasets/80M_Tiny_Images/tiny_images.bin"
+    damage(path, how)
+    with pytest.raises(UnreadableFileError) as error:
         get_dataset("tinyimages", tmp_path)
+    size = path.stat().st_size
+    assert str(error.value).startswith(f"{path} is not a readable 80M Tiny Images file (its size, {size} bytes, "
+                                       f"is not a positive multiple of 3072")
+    assert "Copy it again" in str(error.value) and "--aux-dataset random300k" in str(error.value)
+
+
+def test_tiny_images_foreign_exclusion_list_is_a_user_error(tmp_path):
+    write_tiny_images(tmp_path, 2, [1])
+    path = tmp_path / "unlabeled_datasets/80M_Tiny_Images/80mn_cifar_idxs.txt"
+    path.write_text("<html>Not Found</html>\n")
+    with pytest.raises(UnreadableFileError, match="not a readable list of image indices.*outlier-exposure") as error:
+        get_dataset("tinyimages", tmp_path)
+    assert str(path) in str(error.value)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "80mn_cifar_idxs.txt").is_file(), reason="no copy of the real list")
@@ -353,8 +389,20 @@ def test_random300k(tmp_path):
     assert pickle.loads(pickle.dumps(dataset))._array is None
     assert is_shift(get_dataset("random300k", tmp_path, train=True)[3][0], chw(images[3]), flips=True)
     np.save(path, images.astype(np.float32))
-    with pytest.raises(UserError, match="uint8"):
+    with pytest.raises(UnreadableFileError, match="uint8"):
         get_dataset("random300k", tmp_path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_random300k_truncated_or_foreign_file_is_a_user_error(tmp_path, how):
+    path = tmp_path / "unlabeled_datasets" / "300K_random_images.npy"
+    path.parent.mkdir(parents=True)
+    np.save(path, np.zeros((50, 32, 32, 3), np.uint8))
+    damage(path, how)
+    with pytest.raises(UnreadableFileError) as error:
+        get_dataset("random300k", tmp_path)
+    assert str(error.value).startswith(f"{path} is not a readable .npy array (ValueError: ")
+    assert "https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy" in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------- generated sets
