@@ -148,6 +148,26 @@ def test_cifar_download_failure_is_a_clear_error(tmp_path, monkeypatch):
     assert "no network" in message
 
 
+@pytest.mark.parametrize("existing", ["nothing", "data root", "cifar10 folder"])
+def test_cifar_failed_download_removes_only_the_folders_it_created(tmp_path, monkeypatch, existing):
+    def partial_download(self):  # as torchvision's: make the folder, start writing the archive, fail
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        (Path(self.root) / CIFAR10.filename).write_bytes(b"the first bytes")
+        raise URLError("connection reset")
+    monkeypatch.setattr(CIFAR10, "download", partial_download)
+    data_root = tmp_path / "datasets"
+    if existing != "nothing":
+        (data_root / "ood_datasets").mkdir(parents=True)
+    if existing == "cifar10 folder":
+        (data_root / "cifar10").mkdir()
+    with pytest.raises(DataNotFoundError, match="connection reset"):
+        get_dataset("CIFAR-10", data_root)
+    left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    assert left == {"nothing": [], "data root": ["datasets", "datasets/ood_datasets"],
+                    "cifar10 folder": ["datasets", "datasets/cifar10", "datasets/cifar10/cifar-10-python.tar.gz",
+                                       "datasets/ood_datasets"]}[existing]
+
+
 def test_cifar_corrupted_files_are_not_downloaded_over(tmp_path, monkeypatch):
     with monkeypatch.context() as patched:
         write_cifar(tmp_path, "CIFAR-10", patched, np.random.default_rng(0))
