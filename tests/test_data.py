@@ -16,6 +16,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 
 from utils.data import (AUX_DATASETS, IN_DATASETS, NORMALIZATION, NUM_CLASSES, OOD_DATASETS, dataset_available,
                         get_dataset)
+from utils.data.bundled import photo_pyramid
 from utils.data.tinyimages import TinyImages
 from utils.errors import DataNotFoundError, UnreadableFileError, UserError
 
@@ -439,6 +440,20 @@ def test_synthetic_sets_are_seeded(name):
     assert not torch.equal(image, get_dataset(name, seed=1)[123][0])
     with pytest.raises(IndexError):
         dataset[10_000]
+
+
+def test_generated_sets_draw_each_image_from_its_own_seeded_generator():
+    expected = np.clip(np.random.default_rng([3, 17]).normal(0.5, 0.25, size=(3, 32, 32)), 0, 1)
+    assert torch.equal(get_dataset("gaussian", seed=3)[17][0], torch.from_numpy(expected.astype(np.float32)))
+    rng = np.random.default_rng([3, 17])
+    photo = photo_pyramid()[rng.integers(16)]
+    top, left = rng.integers(photo.shape[0] - 31), rng.integers(photo.shape[1] - 31)
+    assert torch.equal(get_dataset("sample_photos", seed=3)[17][0], chw(photo[top:top + 32, left:left + 32]))
+    for name in ("blobs", "sample_photos"):
+        with pytest.raises(UserError, match=f"{name}: num_samples must be positive"):
+            get_dataset(name, num_samples=0)
+        with pytest.raises(IndexError):
+            get_dataset(name, num_samples=3)[3]
 
 
 def test_synthetic_statistics():
