@@ -14,8 +14,8 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from utils.data import (AUX_DATASETS, IN_DATASETS, NORMALIZATION, NUM_CLASSES, OOD_DATASETS, dataset_available,
-                        get_dataset)
+from utils.data import (AUX_DATASETS, IN_DATASETS, NORMALIZATION, NUM_CLASSES, OOD_DATASETS, check_dataset_name,
+                        dataset_available, get_dataset)
 from utils.data.bundled import photo_pyramid
 from utils.data.tinyimages import TinyImages
 from utils.errors import DataNotFoundError, UnreadableFileError, UserError
@@ -62,6 +62,19 @@ def test_unknown_name_lists_the_known_ones():
     assert all(name in str(error.value) for name in IN_DATASETS + OOD_DATASETS + AUX_DATASETS)
     with pytest.raises(UserError):
         dataset_available("cifar10")
+
+
+def test_check_dataset_name_respells_or_lists_the_known_ones():
+    assert check_dataset_name("Gaussian") == "gaussian"
+    assert check_dataset_name("cifar10") == "CIFAR-10" and check_dataset_name("CIFAR_100") == "CIFAR-100"
+    assert check_dataset_name("lsun-resize") == "LSUN_resize" and check_dataset_name("LSUN") == "LSUN"
+    assert all(check_dataset_name(name) == name for name in IN_DATASETS + OOD_DATASETS + AUX_DATASETS)
+    with pytest.raises(UserError) as error:
+        check_dataset_name("Gausian")
+    assert str(error.value).startswith("unknown data set 'Gausian'. Known: in-distribution CIFAR-10, CIFAR-100, "
+                                       "digits; OOD SVHN, dtd, places365, LSUN, LSUN_resize, iSUN, gaussian, ")
+    with pytest.raises(UserError, match="data set 'Gaussian' is spelt 'gaussian'"):
+        get_dataset("Gaussian")
 
 
 def test_bad_options_and_ood_training_split_are_user_errors():
