@@ -131,7 +131,7 @@ def load_model(in_dataset: str, name: str, epoch: int | None = None, device: str
     train_hint = (f"train it with `python train_energy.py --name={name} --in-dataset={in_dataset}` "
                   f"(or train_original.py for a BCE model)")
     if not path.is_file():
-        epochs = saved_epochs(path.parent) if path.parent.is_dir() else []
+        epochs = saved_epochs(path.parent)
         if epoch is not None and epochs:
             raise UserError(f"model {name!r} on {in_dataset} has no epoch {epoch}: {path} does not exist. "
                             f"{path.parent} holds epochs {_ranges(epochs)}: use one of these with --epoch, "
