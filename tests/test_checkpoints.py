@@ -62,10 +62,10 @@ def test_truncated_or_corrupt_checkpoint_says_which_file_and_what_to_do(tmp_path
 def test_a_torch_file_that_is_not_a_checkpoint_says_what_it_holds(tmp_path, capsys, kind):
     model = save_run(tmp_path, epochs=1)
     keys = ", ".join(repr(key) for key in list(model.state_dict())[:4])
+    no_metadata = {"state_dict": model.state_dict(), "meta": {"arch": "resnet20"}}
     content, described = {"state dict": (model.state_dict(), f"a dict with keys {keys} …"),
                           "tensor": (torch.zeros(3), "a Tensor"),
-                          "checkpoint without metadata": ({"state_dict": model.state_dict(), "meta": {"arch": "resnet20"}},
-                                                          "a dict with keys 'state_dict', 'meta'")}[kind]
+                          "checkpoint without metadata": (no_metadata, "a dict with keys 'state_dict', 'meta'")}[kind]
     path = tmp_path / "digits" / "net" / "last.pt"
     torch.save(content, path)
     message = one_line_error(capsys, lambda: load_model("digits", "net", root=tmp_path))
@@ -86,7 +86,8 @@ def test_missing_epoch_lists_the_epochs_present(tmp_path, capsys):
     message = one_line_error(capsys, lambda: load_model("digits", "net", epoch=7, root=tmp_path))
     assert "has no epoch 7" in message and "holds epochs 1 to 3: use one of these with --epoch" in message
     assert "train_energy" not in message
-    assert "train_energy.py --name=other" in one_line_error(capsys, lambda: load_model("digits", "other", root=tmp_path))
+    never_trained = one_line_error(capsys, lambda: load_model("digits", "other", epoch=7, root=tmp_path))
+    assert "train_energy.py --name=other" in never_trained
 
 
 def test_describe_checkpoints_names_every_epoch_in_numeric_order(tmp_path):
