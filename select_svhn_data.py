@@ -7,8 +7,6 @@ and writes ``selected_test_32x32.mat`` beside it with the same ``X``/``y`` layou
 ``select_svhn_data.py`` does (label 10 is the digit 0 and stays 10).
 """
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +14,8 @@ import scipy.io
 
 from utils.data.common import not_found
 from utils.data.svhn import SELECTED_FILE, SVHN_URL, TEST_FILE, read_mat, select_per_class
+from utils.io import atomic_write
 from utils.runtime import run_script
-
-
-def save_mat_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``scipy.io.savemat`` to a temporary file beside ``path``, then rename it over ``path``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            scipy.io.savemat(file, arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,9 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     if not source.is_file():
         raise not_found("SVHN", source, "It is SVHN's test split in the 32x32 format (test_32x32.mat).",
                         f"Download it from {SVHN_URL} into {source.parent}/.")
-    images, labels = read_mat(source)
+    images, labels = read_mat(source, f"Download it again from {SVHN_URL} into {source.parent}/.")
     keep = select_per_class(labels, args.per_class)
-    save_mat_atomically(target, {"X": images[..., keep], "y": labels[keep]})
+    atomic_write(target, lambda file: scipy.io.savemat(file, {"X": images[..., keep], "y": labels[keep]}))
 
     kept = labels[keep].ravel()
     for label in sorted(np.unique(labels), key=lambda label: label % 10):

@@ -14,10 +14,11 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from utils.data import (AUX_DATASETS, IN_DATASETS, NORMALIZATION, NUM_CLASSES, OOD_DATASETS, dataset_available,
-                        get_dataset)
+from utils.data import (AUX_DATASETS, IN_DATASETS, NORMALIZATION, NUM_CLASSES, OOD_DATASETS, check_dataset_name,
+                        dataset_available, get_dataset)
+from utils.data.bundled import photo_pyramid
 from utils.data.tinyimages import TinyImages
-from utils.errors import DataNotFoundError, UserError
+from utils.errors import DataNotFoundError, UnreadableFileError, UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -61,6 +62,19 @@ def test_unknown_name_lists_the_known_ones():
     assert all(name in str(error.value) for name in IN_DATASETS + OOD_DATASETS + AUX_DATASETS)
     with pytest.raises(UserError):
         dataset_available("cifar10")
+
+
+def test_check_dataset_name_respells_or_lists_the_known_ones():
+    assert check_dataset_name("Gaussian") == "gaussian"
+    assert check_dataset_name("cifar10") == "CIFAR-10" and check_dataset_name("CIFAR_100") == "CIFAR-100"
+    assert check_dataset_name("lsun-resize") == "LSUN_resize" and check_dataset_name("LSUN") == "LSUN"
+    assert all(check_dataset_name(name) == name for name in IN_DATASETS + OOD_DATASETS + AUX_DATASETS)
+    with pytest.raises(UserError) as error:
+        check_dataset_name("Gausian")
+    assert str(error.value).startswith("unknown data set 'Gausian'. Known: in-distribution CIFAR-10, CIFAR-100, "
+                                       "digits; OOD SVHN, dtd, places365, LSUN, LSUN_resize, iSUN, gaussian, ")
+    with pytest.raises(UserError, match="data set 'Gaussian' is spelt 'gaussian'"):
+        get_dataset("Gaussian")
 
 
 def test_bad_options_and_ood_training_split_are_user_errors():
@@ -148,6 +162,26 @@ def test_cifar_download_failure_is_a_clear_error(tmp_path, monkeypatch):
     assert "no network" in message
 
 
+@pytest.mark.parametrize("existing", ["nothing", "data root", "cifar10 folder"])
+def test_cifar_failed_download_removes_only_the_folders_it_created(tmp_path, monkeypatch, existing):
+    def partial_download(self):  # as torchvision's: make the folder, start writing the archive, fail
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        (Path(self.root) / CIFAR10.filename).write_bytes(b"the first bytes")
+        raise URLError("connection reset")
+    monkeypatch.setattr(CIFAR10, "download", partial_download)
+    data_root = tmp_path / "datasets"
+    if existing != "nothing":
+        (data_root / "ood_datasets").mkdir(parents=True)
+    if existing == "cifar10 folder":
+        (data_root / "cifar10").mkdir()
+    with pytest.raises(DataNotFoundError, match="connection reset"):
+        get_dataset("CIFAR-10", data_root)
+    left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    assert left == {"nothing": [], "data root": ["datasets", "datasets/ood_datasets"],
+                    "cifar10 folder": ["datasets", "datasets/cifar10", "datasets/cifar10/cifar-10-python.tar.gz",
+                                       "datasets/ood_datasets"]}[existing]
+
+
 def test_cifar_corrupted_files_are_not_downloaded_over(tmp_path, monkeypatch):
     with monkeypatch.context() as patched:
         write_cifar(tmp_path, "CIFAR-10", patched, np.random.default_rng(0))
@@ -180,6 +214,28 @@ def test_svhn_missing_file_says_how_to_make_it(tmp_path):
     message = str(error.value)
     assert "python select_svhn_data.py" in message and "test_32x32.mat" in message
     assert "http://ufldl.stanford.edu/housenumbers/" in message
+
+
+def damage(path: Path, how: str) -> None:
+    """Rewrite ``path`` as a file cut in half, or as text that is no such file at all."""
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 2] if how == "truncated" else b"not this kind of file\n" * 40)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "other arrays"])
+def test_svhn_unreadable_mat_says_how_to_write_it_again(tmp_path, how):
+    path = tmp_path / "ood_datasets" / "svhn" / "selected_test_32x32.mat"
+    path.parent.mkdir(parents=True)
+    scipy.io.savemat(path, {"X": np.zeros((32, 32, 3, 50), np.uint8), "y": np.ones((50, 1), np.uint8)})
+    if how == "other arrays":
+        scipy.io.savemat(path, {"images": np.zeros((32, 32, 3, 50), np.uint8)})
+    else:
+        damage(path, how)
+    with pytest.raises(UnreadableFileError) as error:
+        get_dataset("SVHN", tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{path} is not a readable SVHN .mat file")
+    assert f"Write it again with `python select_svhn_data.py --data-root {tmp_path}`." in message
 
 
 # ---------------------------------------------------------------------------------------------- image folders
@@ -315,12 +371,26 @@ def test_tiny_images_without_exclusion_list_warns(tmp_path):
     assert len(dataset) == 4
 
 
-def test_tiny_images_truncated_file_is_a_user_error(tmp_path):
-    write_tiny_images(tmp_path, 2, [])
-    with open(tmp_path / "unlabeled_datasets/80M_Tiny_Images/tiny_images.bin", "ab") as file:
-        file.write(b"\0" * 100)
-    with pytest.raises(UserError, match="not a positive multiple of 3072"):
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_tiny_images_truncated_or_foreign_file_is_a_user_error(tmp_path, how):
+    write_tiny_images(tmp_path, 3, [1])  # cut in half: 1.5 images
+    path = tmp_path / "unlabeled_datasets/80M_Tiny_Images/tiny_images.bin"
+    damage(path, how)
+    with pytest.raises(UnreadableFileError) as error:
         get_dataset("tinyimages", tmp_path)
+    size = path.stat().st_size
+    assert str(error.value).startswith(f"{path} is not a readable 80M Tiny Images file (its size, {size} bytes, "
+                                       f"is not a positive multiple of 3072")
+    assert "Copy it again" in str(error.value) and "--aux-dataset random300k" in str(error.value)
+
+
+def test_tiny_images_foreign_exclusion_list_is_a_user_error(tmp_path):
+    write_tiny_images(tmp_path, 2, [1])
+    path = tmp_path / "unlabeled_datasets/80M_Tiny_Images/80mn_cifar_idxs.txt"
+    path.write_text("<html>Not Found</html>\n")
+    with pytest.raises(UnreadableFileError, match="not a readable list of image indices.*outlier-exposure") as error:
+        get_dataset("tinyimages", tmp_path)
+    assert str(path) in str(error.value)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "80mn_cifar_idxs.txt").is_file(), reason="no copy of the real list")
@@ -353,8 +423,20 @@ def test_random300k(tmp_path):
     assert pickle.loads(pickle.dumps(dataset))._array is None
     assert is_shift(get_dataset("random300k", tmp_path, train=True)[3][0], chw(images[3]), flips=True)
     np.save(path, images.astype(np.float32))
-    with pytest.raises(UserError, match="uint8"):
+    with pytest.raises(UnreadableFileError, match="uint8"):
         get_dataset("random300k", tmp_path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_random300k_truncated_or_foreign_file_is_a_user_error(tmp_path, how):
+    path = tmp_path / "unlabeled_datasets" / "300K_random_images.npy"
+    path.parent.mkdir(parents=True)
+    np.save(path, np.zeros((50, 32, 32, 3), np.uint8))
+    damage(path, how)
+    with pytest.raises(UnreadableFileError) as error:
+        get_dataset("random300k", tmp_path)
+    assert str(error.value).startswith(f"{path} is not a readable .npy array (ValueError: ")
+    assert "https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy" in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------- generated sets
@@ -371,6 +453,20 @@ def test_synthetic_sets_are_seeded(name):
     assert not torch.equal(image, get_dataset(name, seed=1)[123][0])
     with pytest.raises(IndexError):
         dataset[10_000]
+
+
+def test_generated_sets_draw_each_image_from_its_own_seeded_generator():
+    expected = np.clip(np.random.default_rng([3, 17]).normal(0.5, 0.25, size=(3, 32, 32)), 0, 1)
+    assert torch.equal(get_dataset("gaussian", seed=3)[17][0], torch.from_numpy(expected.astype(np.float32)))
+    rng = np.random.default_rng([3, 17])
+    photo = photo_pyramid()[rng.integers(16)]
+    top, left = rng.integers(photo.shape[0] - 31), rng.integers(photo.shape[1] - 31)
+    assert torch.equal(get_dataset("sample_photos", seed=3)[17][0], chw(photo[top:top + 32, left:left + 32]))
+    for name in ("blobs", "sample_photos"):
+        with pytest.raises(UserError, match=f"{name}: num_samples must be positive"):
+            get_dataset(name, num_samples=0)
+        with pytest.raises(IndexError):
+            get_dataset(name, num_samples=3)[3]
 
 
 def test_synthetic_statistics():

@@ -4,11 +4,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.io
 import torch
 
 import select_svhn_data
 from utils.data import get_dataset
+from utils.runtime import run_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "select_svhn_data.py"
 
@@ -72,3 +74,16 @@ def test_missing_input_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert str(tmp_path / "ood_datasets" / "svhn" / "test_32x32.mat") in result.stderr
     assert "http://ufldl.stanford.edu/housenumbers/" in result.stderr
+
+
+def test_truncated_input_is_one_clear_line(tmp_path, capsys):
+    write_test_mat(tmp_path, [1, 2, 3] * 20)
+    path = tmp_path / "ood_datasets" / "svhn" / "test_32x32.mat"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: select_svhn_data.main(["--data-root", str(tmp_path)]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is not a readable SVHN .mat file") and err.count("\n") == 1
+    assert f"Download it again from http://ufldl.stanford.edu/housenumbers/ into {path.parent}/." in err
+    assert not (path.parent / "selected_test_32x32.mat").exists()

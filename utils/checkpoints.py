@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 import models
-from utils.errors import UserError
+from utils.errors import UnreadableFileError, UserError, unreadable
 from utils.io import atomic_write
 
 CHECKPOINT_ROOT = "checkpoints"
 TRAIN_COMMANDS = {"energy": "train_energy.py", "bce": "train_original.py"}
+META_KEYS = ("arch", "num_classes", "mean", "std", "in_dataset")  # what rebuilds and identifies a model
 
 
 def checkpoint_dir(in_dataset: str, name: str, root: str | Path = CHECKPOINT_ROOT) -> Path:
@@ -60,12 +61,61 @@ def checkpoint_path(in_dataset: str, name: str, epoch: int | None = None, root: 
     return directory / ("last.pt" if epoch is None else f"epoch_{epoch}.pt")
 
 
+def saved_epochs(directory: str | Path) -> list[int]:
+    """The epochs N of the ``epoch_<N>.pt`` files in ``directory``, in increasing order."""
+    numbers = (path.stem.removeprefix("epoch_") for path in Path(directory).glob("epoch_*.pt"))
+    return sorted(int(number) for number in numbers if number.isdigit())
+
+
+def _ranges(epochs: list[int], form: str = "{}") -> str:
+    """``[1, 2, 3, 5]`` as ``"1 to 3, 5"``, each epoch written as ``form.format(epoch)``."""
+    spans: list[list[int]] = []
+    for epoch in epochs:
+        if spans and epoch == spans[-1][1] + 1:
+            spans[-1][1] = epoch
+        else:
+            spans.append([epoch, epoch])
+    return ", ".join(form.format(first) + ("" if first == last else f" to {form.format(last)}")
+                     for first, last in spans)
+
+
+def describe_checkpoints(directory: str | Path) -> str:
+    """What a run folder holds, e.g. ``epoch_1.pt to epoch_100.pt, last.pt``."""
+    last = "last.pt" if (Path(directory) / "last.pt").is_file() else ""
+    names = [_ranges(saved_epochs(directory), "epoch_{}.pt"), last]
+    return ", ".join(name for name in names if name)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = [repr(key) for key in list(obj)[:4]]
+        return f"a dict with keys {', '.join(keys)}{' …' if len(obj) > 4 else ''}" if keys else "an empty dict"
+    return f"a {type(obj).__name__}"
+
+
+def _parse_checkpoint(content: bytes, path: Path, remedy: str, device: str | torch.device = "cpu") -> dict:
+    """The checkpoint dict in ``content`` (the bytes of ``path``), checked to be one these scripts wrote."""
+    try:
+        checkpoint = torch.load(io.BytesIO(content), map_location=device, weights_only=True)
+    except Exception as error:  # a truncated or foreign file fails in many ways (Runtime-, EOF-, KeyError …)
+        raise unreadable(path, "checkpoint", error, remedy) from None
+    meta = checkpoint.get("meta") if isinstance(checkpoint, dict) else None
+    if not (isinstance(meta, dict) and isinstance(checkpoint.get("state_dict"), dict)
+            and all(key in meta for key in META_KEYS)):
+        raise UnreadableFileError(
+            f"{path} holds {_describe(checkpoint)}, not a checkpoint of train_energy.py or train_original.py: "
+            f"a dict of 'state_dict' and 'meta', the metadata ({', '.join(META_KEYS)}) that rebuilds the model "
+            f"(a bare state dict lacks it). {remedy}")
+    return checkpoint
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """The raw checkpoint dict; a missing file is a ``UserError`` naming it."""
+    """The checkpoint dict in ``path``; a missing, unreadable or foreign file is a ``UserError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=device, weights_only=True)
+    return _parse_checkpoint(path.read_bytes(), path, "Copy it again, or train it again with train_energy.py or "
+                             "train_original.py (--overwrite).", device)
 
 
 def load_model(in_dataset: str, name: str, epoch: int | None = None, device: str | torch.device = "cpu",
@@ -73,25 +123,28 @@ def load_model(in_dataset: str, name: str, epoch: int | None = None, device: str
     """Load the model trained as ``checkpoints/<in_dataset>/<name>/`` (``epoch=None``: the last epoch).
 
     Returns the model in eval mode on ``device`` and its metadata, with ``checkpoint`` (the file read) and
-    ``checkpoint_sha256`` (the start of its content's hash) added. A missing checkpoint, or one whose
-    metadata disagrees with ``in_dataset`` or ``arch``, is a ``UserError`` that names the command that
-    trains the right one.
+    ``checkpoint_sha256`` (the start of its content's hash) added. A missing or unreadable checkpoint, one
+    whose metadata disagrees with ``in_dataset`` or ``arch``, or an ``epoch`` that was not saved is a
+    ``UserError`` that says what to do.
     """
     path = checkpoint_path(in_dataset, name, epoch, root)
     train_hint = (f"train it with `python train_energy.py --name={name} --in-dataset={in_dataset}` "
                   f"(or train_original.py for a BCE model)")
     if not path.is_file():
-        where = f"epoch {epoch} of " if epoch is not None else ""
-        available = sorted(p.name for p in path.parent.glob("epoch_*.pt")) if path.parent.is_dir() else []
-        raise UserError(f"no checkpoint for {where}model {name!r} on {in_dataset}: {path} does not exist"
-                        + (f" (present: {', '.join(available)})" if available else "") + f"; {train_hint}.")
+        epochs = saved_epochs(path.parent)
+        if epoch is not None and epochs:
+            raise UserError(f"model {name!r} on {in_dataset} has no epoch {epoch}: {path} does not exist. "
+                            f"{path.parent} holds epochs {_ranges(epochs)}: use one of these with --epoch, "
+                            f"or leave --epoch out for the last.")
+        raise UserError(f"no checkpoint for model {name!r} on {in_dataset}: {path} does not exist; {train_hint}.")
     content = path.read_bytes()
-    checkpoint = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+    checkpoint = _parse_checkpoint(content, path, f"Copy it again, or {train_hint}.")
     meta = dict(checkpoint["meta"])
-    if meta.get("in_dataset") != in_dataset:
-        raise UserError(f"{path} was trained on {meta.get('in_dataset')}, not {in_dataset}; {train_hint}.")
-    if arch is not None and meta.get("arch") != arch:
-        raise UserError(f"{path} is a {meta.get('arch')}, not a {arch}; {train_hint} --model-arch={arch}.")
+    if meta["in_dataset"] != in_dataset:
+        raise UserError(f"{path} was trained on {meta['in_dataset']}, not {in_dataset}; {train_hint}.")
+    if arch is not None and meta["arch"] != arch:
+        raise UserError(f"{path} holds a {meta['arch']}, not the {arch} that --model-arch={arch} asks for: "
+                        f"pass --model-arch={meta['arch']} (or leave it out).")
     model = build_model(meta)
     model.load_state_dict(checkpoint["state_dict"])
     meta["checkpoint"] = str(path)

@@ -1,7 +1,8 @@
 """OOD-detection metrics, the sign conventions of gradient-norm scores, and the per-layer result tables.
 
 Every score here is oriented so that **higher means more in-distribution**, and in-distribution (ID) is the
-positive class (the convention of Outlier Exposure and energy_ood); ``ood_metrics`` states the definitions.
+positive class (energy_ood's default; Outlier Exposure, and energy_ood with ``--out_as_pos``, take OOD as
+positive); ``ood_metrics`` states the definitions.
 
 Gradient scores (``--saved_form`` of ``compute_gradient_metrics.py``): the files hold per-layer norms, and
 each detector's sign (``utils/detectors.py``) makes them a score. ``norm_single`` with ``min``, ``pred`` or

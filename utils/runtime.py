@@ -1,27 +1,41 @@
-"""What every script needs at start-up: the device from ``--gpu``, seeding, and clean exits on user errors."""
+"""What every script needs at start-up: the device from ``--gpu``, seeding, progress bars, and clean exits
+on user errors."""
 import os
 import random
 import sys
-import warnings
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from utils.errors import UserError
 
+_said_cpu_fallback = False
+
 
 def get_device(gpu: int | str | None) -> torch.device:
-    """``--gpu=N`` → ``cuda:N``; the CPU (with a warning) when CUDA is absent; ``None`` or ``-1`` → CPU."""
+    """``--gpu=N`` → ``cuda:N``; the CPU when CUDA is absent (saying so on stderr, once a process);
+    ``None`` or ``-1`` → CPU."""
+    global _said_cpu_fallback
     if gpu is None or str(gpu) in ("", "-1", "cpu"):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        warnings.warn(f"--gpu={gpu} was asked for but CUDA is not available; running on the CPU.", stacklevel=2)
+        if not _said_cpu_fallback:
+            print(f"warning: --gpu={gpu}: CUDA is not available; running on the CPU.", file=sys.stderr)
+            _said_cpu_fallback = True
         return torch.device("cpu")
     index = int(gpu)
     if index >= torch.cuda.device_count():
         raise UserError(f"--gpu={gpu}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
     return torch.device(f"cuda:{index}")
+
+
+def progress(iterable: Iterable | None = None, **options) -> tqdm:
+    """``tqdm(iterable, **options)``, shown only when it writes to a terminal (tqdm's ``disable=None``): in
+    a log file, a bar's carriage-return updates pile up into lines thousands of characters long.
+    ``disable=True`` still hides it everywhere."""
+    return tqdm(iterable, **{**options, "disable": True if options.get("disable") else None})
 
 
 def seed_everything(seed: int) -> None:

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 import models
 from utils import distributed
-from utils.checkpoints import (CHECKPOINT_ROOT, TRAIN_COMMANDS, build_model, checkpoint_dir, load_checkpoint,
-                               save_checkpoint, unwrap)
+from utils.checkpoints import (CHECKPOINT_ROOT, TRAIN_COMMANDS, build_model, checkpoint_dir, describe_checkpoints,
+                               load_checkpoint, save_checkpoint, unwrap)
 from utils.data import IN_DATASETS, NORMALIZATION, NUM_CLASSES, get_dataset
 from utils.errors import UserError
 from utils.io import atomic_write
@@ -372,7 +372,7 @@ def _prepare_directory(directory: Path, args: argparse.Namespace, loss: str,
         _check_same_run(checkpoint["meta"], args, loss, last)
         return checkpoint
     if trained and not args.overwrite:
-        raise UserError(f"{directory} already holds a trained model ({', '.join(trained[-3:])}); continue it "
+        raise UserError(f"{directory} already holds a trained model ({describe_checkpoints(directory)}); continue it "
                         f"with --resume or start over with --overwrite.")
     if trained and context.is_main:
         for name in trained + ["meta.json", "log.csv"]:

@@ -70,10 +70,29 @@ _SOURCES: dict[str, _Source] = {
 assert set(_SOURCES) == set(IN_DATASETS + OOD_DATASETS + AUX_DATASETS)
 
 
-def _source(name: str) -> _Source:
-    if name not in _SOURCES:
+def _folded(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+_BY_FOLDED = {_folded(name): name for name in _SOURCES}
+assert len(_BY_FOLDED) == len(_SOURCES)
+
+
+def check_dataset_name(name: str) -> str:
+    """``name`` spelt as this project spells it, for a command-line argument: case, ``-`` and ``_`` do not
+    matter (``Gaussian`` → ``gaussian``, ``cifar10`` → ``CIFAR-10``). Any other name is a ``UserError``
+    that lists the known ones."""
+    if _folded(name) not in _BY_FOLDED:
         raise UserError(f"unknown data set {name!r}. Known: in-distribution {', '.join(IN_DATASETS)}; "
                         f"OOD {', '.join(OOD_DATASETS)}; auxiliary {', '.join(AUX_DATASETS)}.")
+    return _BY_FOLDED[_folded(name)]
+
+
+def _source(name: str) -> _Source:
+    """The source of ``name``, spelt exactly: file names follow it, so ``get_dataset`` does not respell."""
+    if name not in _SOURCES:
+        spelt = check_dataset_name(name)  # raises for an unknown name
+        raise UserError(f"data set {name!r} is spelt {spelt!r}.")
     return _SOURCES[name]
 
 

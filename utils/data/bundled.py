@@ -19,8 +19,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from utils.data.common import NO_LABEL, to_tensor, train_augmentation
-from utils.errors import UserError
+from utils.data.common import SeededImages, to_tensor, train_augmentation
 
 DIGITS_TEST_SIZE = 500
 DIGITS_SPLIT_SEED = 0
@@ -67,26 +66,15 @@ def photo_pyramid() -> tuple[np.ndarray, ...]:
     return tuple(pyramid)
 
 
-class SamplePhotoCrops(Dataset):
+class SamplePhotoCrops(SeededImages):
     """``num_samples`` crops of scikit-learn's sample photographs, label -1; ``train=True`` adds random
     horizontal flips. The crop of an index depends only on ``(seed, index)``."""
 
     def __init__(self, num_samples: int = 10_000, seed: int = 0, train: bool = False):
-        if num_samples < 1 or seed < 0:
-            raise UserError(f"sample_photos: num_samples must be positive and seed non-negative, "
-                            f"got num_samples={num_samples}, seed={seed}.")
-        self.num_samples, self.seed = num_samples, seed
+        super().__init__("sample_photos", num_samples, seed, transforms.RandomHorizontalFlip() if train else None)
         self.pyramid = photo_pyramid()
-        self.augment = transforms.RandomHorizontalFlip() if train else None
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} images")
-        rng = np.random.default_rng([self.seed, index])
+    def draw(self, rng: np.random.Generator) -> torch.Tensor:
         photo = self.pyramid[rng.integers(len(self.pyramid))]
         top, left = rng.integers(photo.shape[0] - 31), rng.integers(photo.shape[1] - 31)
-        image = to_tensor(photo[top:top + 32, left:left + 32])
-        return (self.augment(image) if self.augment else image), NO_LABEL
+        return to_tensor(photo[top:top + 32, left:left + 32])

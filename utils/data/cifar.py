@@ -1,5 +1,6 @@
 """CIFAR-10 and CIFAR-100 through torchvision, in torchvision's layout under ``<data root>/cifar10`` and
 ``<data root>/cifar100`` (the layout of the ATOM / energy_ood scripts)."""
+import shutil
 from pathlib import Path
 
 from torchvision import datasets, transforms
@@ -41,10 +42,15 @@ def build(name: str, data_root: Path, train: bool, *, augment: bool = True) -> d
     cls, folder = _CLASSES[name]
     steps = [transforms.ToTensor()] + ([train_augmentation()] if train and augment else [])
     download = bool(_missing_files(name, data_root))
+    # The outermost folder a download would create; a failed one takes it away again, with what it wrote.
+    target = data_root / folder
+    created = next((path for path in (*reversed(target.parents), target) if not path.exists()), None)
     try:
-        return cls(str(data_root / folder), train=train, transform=transforms.Compose(steps), download=download)
+        return cls(str(target), train=train, transform=transforms.Compose(steps), download=download)
     except (OSError, RuntimeError) as error:
         if download:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
             raise DataNotFoundError(f"{name}: not found under {data_root / folder} and downloading it failed "
                                     f"({error}). {_layout(name, data_root)}") from error
         raise UserError(f"{name}: the files under {data_root / folder / cls.base_folder} failed torchvision's "

@@ -1,12 +1,14 @@
-"""What every loader shares: the label of unlabeled sets, arrays to tensors, augmentation, and the
-"file not found" message."""
+"""What every loader shares: the label of unlabeled sets, arrays to tensors, augmentation, generated sets,
+and the "file not found" message."""
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 from torchvision import transforms
 
-from utils.errors import DataNotFoundError
+from utils.errors import DataNotFoundError, UserError
 
 NO_LABEL = -1
 """The label of every OOD and auxiliary sample."""
@@ -24,6 +26,32 @@ def train_augmentation(flip: bool = True) -> transforms.Compose:
     if flip:
         steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(steps)
+
+
+class SeededImages(Dataset):
+    """``num_samples`` generated images, label -1: image ``index`` is ``self.draw(rng)`` (a subclass's) from
+    a generator seeded with ``(seed, index)`` alone, so no memory is held and the set is the same for any
+    batch size, order or number of workers. ``augment``, if given, is applied to each image."""
+
+    def __init__(self, name: str, num_samples: int, seed: int,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if num_samples < 1 or seed < 0:
+            raise UserError(f"{name}: num_samples must be positive and seed non-negative, "
+                            f"got num_samples={num_samples}, seed={seed}.")
+        self.num_samples, self.seed, self.augment = num_samples, seed, augment
+
+    def draw(self, rng: np.random.Generator) -> torch.Tensor:
+        """One CHW float32 image in [0, 1]."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} images")
+        image = self.draw(np.random.default_rng([self.seed, index]))
+        return (self.augment(image) if self.augment else image), NO_LABEL
 
 
 def not_found(name: str, path: Path, contents: str, source: str) -> DataNotFoundError:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.data.common import NO_LABEL, not_found, to_tensor
-from utils.errors import UserError
+from utils.errors import unreadable
 
 SVHN_DIR = Path("ood_datasets/svhn")
 TEST_FILE = SVHN_DIR / "test_32x32.mat"
@@ -19,16 +19,25 @@ SELECTED_FILE = SVHN_DIR / "selected_test_32x32.mat"
 SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
 
 
-def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(X, y)`` of an SVHN ``.mat`` file, checked against the layout above."""
-    contents = scipy.io.loadmat(path)
+def read_mat(path: Path, remedy: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` of an SVHN ``.mat`` file, checked against the layout above; a file that is not one is an
+    ``UnreadableFileError`` that names it and ends with ``remedy``, what to do."""
+    try:
+        contents = scipy.io.loadmat(path)
+    except Exception as error:  # a truncated or foreign file fails in many ways (OS-, Value-, IndexError …)
+        raise unreadable(path, "SVHN .mat file", error, remedy) from None
     if "X" not in contents or "y" not in contents:
-        raise UserError(f"{path} is not an SVHN .mat file: it has no 'X' and 'y' arrays.")
+        raise unreadable(path, "SVHN .mat file", "it has no 'X' and 'y' arrays", remedy)
     images, labels = contents["X"], contents["y"]
     if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or labels.shape != (images.shape[3], 1):
-        raise UserError(f"{path}: expected X of shape (32, 32, 3, N) and y of shape (N, 1), "
-                        f"got {images.shape} and {labels.shape}.")
+        raise unreadable(path, "SVHN .mat file", f"expected X of shape (32, 32, 3, N) and y of shape (N, 1), "
+                         f"got {images.shape} and {labels.shape}", remedy)
     return images, labels
+
+
+def select_command(data_root: Path) -> str:
+    """The command that writes the selected file under ``data_root``."""
+    return "python select_svhn_data.py" + ("" if data_root == Path("datasets") else f" --data-root {data_root}")
 
 
 def select_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
@@ -44,8 +53,8 @@ def select_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
 class SVHNSelected(Dataset):
     """The selected SVHN test images as CHW float tensors in [0, 1], label -1 (OOD)."""
 
-    def __init__(self, path: Path):
-        images, _ = read_mat(path)
+    def __init__(self, path: Path, remedy: str):
+        images, _ = read_mat(path, remedy)
         self.images = np.ascontiguousarray(images.transpose(3, 0, 1, 2))  # NHWC
 
     def __len__(self) -> int:
@@ -58,12 +67,11 @@ class SVHNSelected(Dataset):
 def locate(data_root: Path) -> Path:
     path = data_root / SELECTED_FILE
     if not path.is_file():
-        command = "python select_svhn_data.py" + ("" if data_root == Path("datasets") else f" --data-root {data_root}")
         raise not_found("SVHN", path, "It is the 10,000-image SVHN test subset (at most 1,000 per digit).",
                         f"Download test_32x32.mat from {SVHN_URL} into {data_root / SVHN_DIR}/ and run "
-                        f"`{command}` to write it.")
+                        f"`{select_command(data_root)}` to write it.")
     return path
 
 
 def build(data_root: Path) -> SVHNSelected:
-    return SVHNSelected(locate(data_root))
+    return SVHNSelected(locate(data_root), f"Write it again with `{select_command(data_root)}`.")

@@ -13,11 +13,8 @@ but its index: no memory is held, and the set is the same for any batch size, or
 import numpy as np
 import torch
 from scipy import ndimage
-from torch.utils.data import Dataset
 
-from utils.data.common import NO_LABEL
-from utils.errors import UserError
-
+from utils.data.common import SeededImages
 
 
 def gaussian(rng: np.random.Generator) -> np.ndarray:
@@ -39,20 +36,12 @@ GENERATORS = {"gaussian": gaussian, "rademacher": rademacher, "blobs": blobs}
 """Each draws one CHW float32 image in [0, 1] from a generator."""
 
 
-class Synthetic(Dataset):
+class Synthetic(SeededImages):
     """``num_samples`` images of synthetic set ``kind`` (a key of ``GENERATORS``), label -1 (OOD)."""
 
     def __init__(self, kind: str, num_samples: int = 10_000, seed: int = 0):
-        if num_samples < 1 or seed < 0:
-            raise UserError(f"{kind}: num_samples must be positive and seed non-negative, "
-                            f"got num_samples={num_samples}, seed={seed}.")
-        self.kind, self.num_samples, self.seed = kind, num_samples, seed
+        super().__init__(kind, num_samples, seed)
+        self.kind = kind
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} images")
-        image = GENERATORS[self.kind](np.random.default_rng([self.seed, index]))
-        return torch.from_numpy(image), NO_LABEL
+    def draw(self, rng: np.random.Generator) -> torch.Tensor:
+        return torch.from_numpy(GENERATORS[self.kind](rng))

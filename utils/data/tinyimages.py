@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from utils.data.common import NO_LABEL, not_found, to_tensor, train_augmentation
-from utils.errors import UserError
+from utils.errors import unreadable
 
 TINY_DIR = Path("unlabeled_datasets/80M_Tiny_Images")
 TINY_FILE = TINY_DIR / "tiny_images.bin"
@@ -21,6 +21,7 @@ IMAGE_BYTES = 32 * 32 * 3
 TINY_SOURCE = ("80M Tiny Images has been withdrawn by its authors; if you hold a copy (it was served as "
                "http://horatio.cs.nyu.edu/mit/tiny/data/tiny_images.bin), put it there; otherwise train with "
                "--aux-dataset random300k, Outlier Exposure's cleaned replacement.")
+CIFAR_INDICES_SOURCE = "Outlier Exposure's and energy_ood's code (https://github.com/hendrycks/outlier-exposure)"
 RANDOM_300K_SOURCE = ("Download it from https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy "
                       "(Outlier Exposure's 300K random images, de-duplicated against the usual test sets).")
 
@@ -69,13 +70,18 @@ class TinyImages(_MappedImages):
     def __init__(self, path: Path, cifar_indices: Path | None = None, train: bool = False):
         super().__init__(path, train)
         size = path.stat().st_size
-        if size == 0 or size % IMAGE_BYTES:
-            raise UserError(f"{path}: its size, {size} bytes, is not a positive multiple of {IMAGE_BYTES} "
-                            f"(one 32x32x3 uint8 image); the file is truncated or not 80M Tiny Images.")
+        if size == 0 or size % IMAGE_BYTES:  # raw bytes: the size is all there is to check
+            raise unreadable(path, "80M Tiny Images file", f"its size, {size} bytes, is not a positive multiple "
+                             f"of {IMAGE_BYTES}, one 32x32x3 uint8 image",
+                             "Copy it again from where you got it, or train with --aux-dataset random300k.")
         self.num_file_images = size // IMAGE_BYTES
         excluded = np.zeros(0, dtype=np.int64)
         if cifar_indices is not None:
-            excluded = np.unique(np.loadtxt(cifar_indices, dtype=np.int64, ndmin=1)) - 1
+            try:
+                excluded = np.unique(np.loadtxt(cifar_indices, dtype=np.int64, ndmin=1)) - 1
+            except ValueError as error:
+                raise unreadable(cifar_indices, "list of image indices, one integer a line", error,
+                                 f"Copy it again from {CIFAR_INDICES_SOURCE}.") from None
             excluded = excluded[(excluded >= 0) & (excluded < self.num_file_images)]
         self.num_excluded = len(excluded)
         # Kept images before each excluded one; index i is preceded by those excluded ones with value <= i.
@@ -102,11 +108,11 @@ class Random300K(_MappedImages):
         super().__init__(path, train)
         try:
             array = np.load(path, mmap_mode="r")
-        except ValueError as error:
-            raise UserError(f"{path} is not a plain .npy array ({error}).") from error
+        except Exception as error:  # a truncated or foreign file fails in many ways (Value-, EOF-, OSError …)
+            raise unreadable(path, ".npy array", error, RANDOM_300K_SOURCE) from None
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (32, 32, 3):
-            raise UserError(f"{path}: expected uint8 images of shape (N, 32, 32, 3), "
-                            f"got {array.dtype} of shape {array.shape}.")
+            raise unreadable(path, "300K random images file", f"expected uint8 images of shape (N, 32, 32, 3), "
+                             f"got {array.dtype} of shape {array.shape}", RANDOM_300K_SOURCE)
         self.num_images = len(array)
 
     def __len__(self) -> int:
@@ -132,8 +138,7 @@ def build_tiny(data_root: Path, train: bool) -> TinyImages:
     path, indices = locate_tiny(data_root), data_root / CIFAR_INDICES_FILE
     if not indices.is_file():
         warnings.warn(f"{indices} not found: the CIFAR images in 80M Tiny Images are NOT excluded from the "
-                      f"outliers. The file ships with Outlier Exposure's and energy_ood's code "
-                      f"(https://github.com/hendrycks/outlier-exposure).", stacklevel=3)
+                      f"outliers. The file ships with {CIFAR_INDICES_SOURCE}.", stacklevel=3)
         indices = None
     return TinyImages(path, indices, train)
 
