@@ -15,6 +15,7 @@ sign from ``utils/detectors.py``: −norm for ``norm_single`` with ``min``/``pre
 import argparse
 from pathlib import Path
 
+from utils.data import check_dataset_name
 from utils.errors import UserError
 from utils.combine import SHRINKAGE, GaussianFit, combined_score, fit_gaussian
 from utils.detectors import TRACK_GRADIENT_SCORES
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.saved_form == "original_single" and args.score is not None:
         parser.error("--score does not apply to --saved_form=original_single (one confounding-label gradient "
                      "per sample); leave it out")
+    if args.dataset not in ("all", TRAIN_SPLIT):
+        args.dataset = check_dataset_name(args.dataset)  # a UserError for an unknown name, before any file is read
     if args.dataset in (args.in_dataset, TRAIN_SPLIT):
         parser.error(f"--dataset={args.dataset} is the in-distribution set (its test split, or the training split "
                      "the combined row is fit on); name an OOD set or 'all'")

@@ -341,3 +341,11 @@ def test_new_detectors_are_scored_with_their_own_sign_and_headline(tmp_path, cap
                            sign * values["LSUN"][headline].astype(np.float64))
     assert rows[headline]["AUROC"] == pytest.approx(100 * expected["AUROC"])
     assert rows[headline]["kind"] == ("layer" if score == "gradnorm" else "extra")
+
+
+def test_a_data_set_name_is_respelled_or_refused_before_any_file_is_read(tmp_path, capsys):
+    with pytest.raises(GradientFileError, match=r"make it with `python track_gradient.py --name=resnet "
+                                                 r"--dataset=gaussian --score=min"):
+        run((tmp_path / "gradients", tmp_path / "results"), *NORM_MIN, "--dataset=Gaussian")
+    with pytest.raises(UserError, match="unknown data set 'Gausian'. Known: "):
+        run((tmp_path / "gradients", tmp_path / "results"), *NORM_MIN, "--dataset=Gausian")

@@ -21,17 +21,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from models import ARCHS
 from utils.checkpoints import CHECKPOINT_ROOT, load_model
-from utils.data import IN_DATASETS, OOD_DATASETS, dataset_available, get_dataset
+from utils.data import IN_DATASETS, OOD_DATASETS, check_dataset_name, dataset_available, get_dataset
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
 from utils.energy import energy_score
 from utils.errors import UserError
 from utils.gradients import (CHECKPOINT_HASH_KEY, FORMAT_VERSION, GRADIENT_ROOT, MODEL_KEYS, GradientFileError,
                              gradient_path, load_gradients, save_gradients)
-from utils.runtime import default_workers, get_device, loader_workers
+from utils.runtime import default_workers, get_device, loader_workers, progress
 
 ARRAY_KEYS = ("total", "class", "pred", "label", "msp", "energy")
 TRAIN_SPLIT = "train"  # --dataset train: the in-distribution training split, the combined detector's fit data
@@ -131,8 +130,8 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
     def add(key: str, values: torch.Tensor) -> None:
         columns.setdefault(key, []).append(values.cpu().numpy())
 
-    progress = tqdm(total=part.stop - part.start, unit="img", dynamic_ncols=True,
-                    desc=f"{dataset_name} ({', '.join(d.name for d in detectors)})")
+    bar = progress(total=part.stop - part.start, unit="img", dynamic_ncols=True,
+                   desc=f"{dataset_name} ({', '.join(d.name for d in detectors)})")
     for images, labels in loader:
         logits, scores = gradient_scores(model, images.to(device, non_blocking=True), detectors)
         for name, out in scores.items():
@@ -146,8 +145,8 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
         add("label", labels)
         add("msp", logits.softmax(1).amax(1).float())
         add("energy", energy_score(logits).float())
-        progress.update(len(images))
-    progress.close()
+        bar.update(len(images))
+    bar.close()
     arrays = {key: np.concatenate(chunks).astype(DTYPES.get(key.rpartition("/")[2], np.float32))
               for key, chunks in columns.items()}
 
@@ -267,7 +266,7 @@ def main(args: argparse.Namespace) -> None:
         if missing:
             print(f"--dataset=all: no data under {args.data_root} for {', '.join(missing)}; skipping them")
     else:
-        names = [args.dataset]
+        names = [args.dataset if args.dataset == TRAIN_SPLIT else check_dataset_name(args.dataset)]
     datasets = {name: training_subset(args.in_dataset, args.data_root, args.limit) if name == TRAIN_SPLIT
                 else get_dataset(name, args.data_root) for name in [args.in_dataset, *names]}
     for name, dataset in datasets.items():
