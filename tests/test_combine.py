@@ -39,7 +39,8 @@ def test_the_score_is_the_mahalanobis_distance_under_the_shrunk_covariance():
     centred = log_norms(test) - x.mean(0)
     expected = np.sqrt([c @ np.linalg.solve(shrunk, c) for c in centred])
     np.testing.assert_allclose(-combined_score(fit, test), expected, rtol=1e-8)
-    np.testing.assert_array_equal(log_norms(test), np.log(np.stack([test["layers"][k] for k in LAYERS], 1).astype(float)))
+    stacked = np.stack([test["layers"][k] for k in LAYERS], 1).astype(np.float64)
+    np.testing.assert_array_equal(log_norms(test), np.log(stacked))
 
 
 def theoretical_auroc(dims: int, separation: float) -> float:

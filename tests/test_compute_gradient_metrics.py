@@ -12,7 +12,8 @@ import pytest
 
 import compute_gradient_metrics
 from utils.errors import UserError
-from utils.gradients import GradientFileError, gradient_path, load_gradients, save_gradients
+from utils.detectors import get_detector
+from utils.gradients import GradientFileError, gradient_path, load_gradients, new_record, save_gradients
 from utils.metrics import METRICS, detection_score, ood_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,15 +26,15 @@ def make_record(dataset: str, n: int, shift: float, seed: int, method: str = "no
                 layers=LAYERS, **model) -> dict:
     """Log-normal layer norms; OOD (shift > 0) has larger norms in deeper layers and lower confidence."""
     rng = np.random.default_rng(seed)
-    norms = {k: rng.lognormal(np.log(0.1 * (i + 1)) + shift * i / len(layers), 0.5, n).astype(np.float32)
+    norms = {k: rng.lognormal(np.log(0.1 * (i + 1)) + shift * i / len(layers), 0.5, n)
              for i, k in enumerate(layers)}
-    return {"version": 1, "model": {**MODEL, **model}, "method": method, "score": score, "dataset": dataset,
-            "num_samples": n, "layers": norms,
-            "total": np.sqrt(sum(v.astype(np.float64) ** 2 for v in norms.values())).astype(np.float32),
-            "class": rng.integers(0, 10, n), "pred": rng.integers(0, 10, n),
-            "label": rng.integers(0, 10, n) if dataset == "CIFAR-10" else np.full(n, -1),
-            "msp": rng.beta(8 - 3 * shift, 2, n).astype(np.float32),
-            "energy": -rng.normal(8 - 2 * shift, 2, n).astype(np.float32)}
+    detector = get_detector(score if method == "norm" else None)
+    return new_record({**MODEL, **model}, detector, dataset, norms, {},
+                      total=np.sqrt(sum(v.astype(np.float32).astype(np.float64) ** 2 for v in norms.values())),
+                      pred=rng.integers(0, 10, n),
+                      label=rng.integers(0, 10, n) if dataset == "CIFAR-10" else np.full(n, -1),
+                      msp=rng.beta(8 - 3 * shift, 2, n), energy=-rng.normal(8 - 2 * shift, 2, n),
+                      **{"class": rng.integers(0, 10, n)})
 
 
 def write(record: dict, root: Path, name: str = "resnet", score: str | None = "min") -> Path:

@@ -185,7 +185,8 @@ class GradNorm(Detector):
     softmax) + const), so dL/dlogits = (K·softmax(f(x)/T) − 1)/T. The **L1** norm of each tracked layer's
     gradient; the paper scores the last layer. ID has the larger gradient (+norm)."""
     name = "gradnorm"
-    paper = "Huang, Geng & Li, On the Importance of Gradients for Detecting Distributional Shifts in the Wild, NeurIPS 2021"
+    paper = ("Huang, Geng & Li, On the Importance of Gradients for Detecting Distributional Shifts in the Wild, "
+             "NeurIPS 2021")
     formula = "‖∇_W Σ_k −log softmax(f(x)/T)_k‖₁, last layer"
     rows = "uniform"
     norm = 1

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.detectors import TRACK_GRADIENT_SCORES
+from utils.detectors import TRACK_GRADIENT_SCORES, Detector
 from utils.errors import UserError
 from utils.io import atomic_write
 
@@ -41,6 +41,29 @@ MODEL_KEYS = ("name", "arch", "in_dataset", "num_classes", "checkpoint", "epoch"
 CHECKPOINT_HASH_KEY = "checkpoint_sha256"
 PER_SAMPLE_KEYS = {"total": np.float32, "class": np.int64, "pred": np.int64, "label": np.int64,
                    "msp": np.float32, "energy": np.float32}
+
+
+def new_record(model: dict, detector: Detector, dataset: str, layers: dict[str, np.ndarray],
+               extra: dict[str, np.ndarray], **per_sample: np.ndarray) -> dict:
+    """A record of ``detector``'s values on ``dataset`` in the format above, from per-sample arrays of any
+    numeric dtype (each is cast to the format's): ``layers``, ``extra`` and every key of ``PER_SAMPLE_KEYS``."""
+    return {"version": FORMAT_VERSION, "model": model, "method": detector.method,
+            "score": None if detector.method == "original" else detector.name, "dataset": dataset,
+            "num_samples": len(per_sample["total"]), "norm": f"L{detector.norm}",
+            "layers": {name: np.asarray(v, np.float32) for name, v in layers.items()},
+            "extra": {name: np.asarray(v, np.float32) for name, v in extra.items()}, "options": detector.options(),
+            **{key: np.asarray(per_sample[key], dtype) for key, dtype in PER_SAMPLE_KEYS.items()}}
+
+
+def concatenate_records(records: list[dict]) -> dict:
+    """One record of the samples of ``records``, in order (the parts of one data set); every other field, but
+    ``shard``, is the first record's."""
+    merged = {key: value for key, value in records[0].items() if key != "shard"}
+    merged["num_samples"] = sum(r["num_samples"] for r in records)
+    for group in ("layers", "extra"):
+        merged[group] = {name: np.concatenate([r[group][name] for r in records]) for name in merged.get(group, {})}
+    merged.update({key: np.concatenate([r[key] for r in records]) for key in PER_SAMPLE_KEYS})
+    return merged
 
 
 def gradient_path(in_dataset: str, name: str, score: str | None, dataset: str,

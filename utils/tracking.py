@@ -28,15 +28,13 @@ from utils.data import IN_DATASETS, OOD_DATASETS, check_dataset_name, dataset_av
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
 from utils.energy import energy_score
 from utils.errors import UserError
-from utils.gradients import (CHECKPOINT_HASH_KEY, FORMAT_VERSION, GRADIENT_ROOT, MODEL_KEYS, GradientFileError,
-                             gradient_path, load_gradients, save_gradients)
+from utils.gradients import (CHECKPOINT_HASH_KEY, GRADIENT_ROOT, MODEL_KEYS, GradientFileError, concatenate_records,
+                             gradient_path, load_gradients, new_record, save_gradients)
 from utils.runtime import default_workers, get_device, loader_workers, progress
 
-ARRAY_KEYS = ("total", "class", "pred", "label", "msp", "energy")
 TRAIN_SPLIT = "train"  # --dataset train: the in-distribution training split, the combined detector's fit data
 DEFAULT_TRAIN_SAMPLES = 5_000
 TRAIN_SUBSET_SEED = 0
-DTYPES = {"class": np.int64, "pred": np.int64, "label": np.int64}  # every other array is float32
 
 
 def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
@@ -147,18 +145,14 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
         add("energy", energy_score(logits).float())
         bar.update(len(images))
     bar.close()
-    arrays = {key: np.concatenate(chunks).astype(DTYPES.get(key.rpartition("/")[2], np.float32))
-              for key, chunks in columns.items()}
+    arrays = {key: np.concatenate(chunks) for key, chunks in columns.items()}
 
     def group(prefix: str) -> dict[str, np.ndarray]:
         return {key.removeprefix(prefix): value for key, value in arrays.items() if key.startswith(prefix)}
 
-    return {d.name: {"version": FORMAT_VERSION, "model": model_info, "method": d.method,
-                     "score": None if d.method == "original" else d.name,
-                     "dataset": dataset_name, "num_samples": part.stop - part.start, "norm": f"L{d.norm}",
-                     "layers": group(f"{d.name}/layers/"), "extra": group(f"{d.name}/extra/"), "options": d.options(),
-                     "total": arrays[f"{d.name}/total"], "class": arrays[f"{d.name}/class"],
-                     **{key: arrays[key] for key in ("pred", "label", "msp", "energy")}}
+    return {d.name: new_record(model_info, d, dataset_name, group(f"{d.name}/layers/"), group(f"{d.name}/extra/"),
+                               total=arrays[f"{d.name}/total"], **{"class": arrays[f"{d.name}/class"]},
+                               **{key: arrays[key] for key in ("pred", "label", "msp", "energy")})
             for d in detectors}
 
 
@@ -189,12 +183,7 @@ def merge(part: Part, final: Path) -> bool:
         if record.get("shard") != p.describe() or record["model"] != records[0]["model"]:
             raise UserError(f"{p.path(final)} is not part {p.index} of the same run ({p.describe()}, "
                             f"model {records[0]['model']}); remove it and rerun that shard.")
-    merged = {key: value for key, value in records[0].items() if key != "shard"}
-    merged["num_samples"] = part.num_samples
-    for group in ("layers", "extra"):
-        merged[group] = {name: np.concatenate([r[group][name] for r in records]) for name in merged.get(group, {})}
-    merged.update({key: np.concatenate([r[key] for r in records]) for key in ARRAY_KEYS})
-    save_gradients(merged, final)
+    save_gradients(concatenate_records(records), final)
     for p in parts:
         p.path(final).unlink(missing_ok=True)
     return True

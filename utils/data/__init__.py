@@ -102,8 +102,8 @@ def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = Fal
     ``train`` picks the training split and its augmentation for in-distribution sets, and the augmentation
     for auxiliary sets; OOD sets are test sets only. Options: ``num_samples`` and ``seed`` for
     ``gaussian``, ``rademacher``, ``blobs`` and ``sample_photos``; ``augment=False`` for the
-    in-distribution sets (their training split without augmentation, as gradient tracking reads it). A missing file raises
-    ``DataNotFoundError`` (a ``UserError``) that says where the file belongs and where to get it.
+    in-distribution sets (their training split without augmentation, as gradient tracking reads it). A
+    missing file raises ``DataNotFoundError`` (a ``UserError``) that says where the file belongs and where to get it.
     """
     source = _source(name)
     accepted = [parameter.name for parameter in inspect.signature(source.build).parameters.values()
