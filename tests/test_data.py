@@ -80,10 +80,18 @@ def test_check_dataset_name_respells_or_lists_the_known_ones():
 def test_bad_options_and_ood_training_split_are_user_errors():
     with pytest.raises(UserError, match="num_samples, seed"):
         get_dataset("gaussian", size=3)
-    with pytest.raises(UserError, match="none"):
+    with pytest.raises(UserError, match="its options: augment"):
         get_dataset("digits", seed=1)
     with pytest.raises(UserError, match="OOD test set"):
         get_dataset("rademacher", train=True)
+
+
+def test_the_training_split_without_augmentation_is_deterministic():
+    augmented, plain = get_dataset("digits", train=True), get_dataset("digits", train=True, augment=False)
+    torch.manual_seed(0)
+    assert not all(torch.equal(augmented[i][0], plain[i][0]) for i in range(8))  # random crops move them
+    assert all(torch.equal(plain[i][0], plain[i][0]) for i in range(8))
+    assert [plain[i][1] for i in range(8)] == [augmented[i][1] for i in range(8)]
 
 
 def test_missing_files_name_the_path(tmp_path):
@@ -149,6 +157,11 @@ def test_cifar_reads_torchvision_layout(tmp_path, monkeypatch, name):
                 assert is_shift(image, expected, flips=True)
             else:
                 assert torch.equal(image, expected)
+    data, labels = written["train"]
+    plain = get_dataset(name, tmp_path, train=True, augment=False)  # what --dataset train tracks
+    for index in range(len(labels)):
+        expected = torch.from_numpy(data[index].reshape(3, 32, 32).astype(np.float32)) / 255
+        assert torch.equal(plain[index][0], expected) and plain[index][1] == labels[index]
 
 
 def test_cifar_download_failure_is_a_clear_error(tmp_path, monkeypatch):
