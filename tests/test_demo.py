@@ -14,6 +14,8 @@ import pytest
 from utils.detectors import TRACK_GRADIENT_SCORES
 from utils.gradients import gradient_path, load_gradients
 
+pytestmark = pytest.mark.slow  # minutes on two CPU cores: `pytest -m "not slow"` skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 OOD_SETS = ("blobs", "gaussian", "rademacher")
 

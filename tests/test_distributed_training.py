@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -12,6 +13,8 @@ import train_energy
 from utils import training
 from utils.checkpoints import load_model, unwrap
 from utils.data import get_dataset
+
+pytestmark = pytest.mark.slow  # minutes on two CPU cores: `pytest -m "not slow"` skips it
 
 ROOT = Path(__file__).resolve().parents[1]
 
