@@ -123,3 +123,25 @@ def test_oas_shrinkage_is_an_option(tmp_path, capsys):
         save_gradients(make_record(dataset, n, shift, seed), gradients / "CIFAR-10/resnet/min" / f"{dataset}.pkl")
     run(gradients, results, "--combine=oas")
     assert "(oas shrinkage" in capsys.readouterr().out
+
+
+def test_the_study_script_compares_combined_with_single_rows(tmp_path):
+    """docs/combine_study.py: its combined AUROC is compute_gradient_metrics.py's; the train-picked layer is the
+    one whose log-norm varies least on the training file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("combine_study", "docs/combine_study.py")
+    combine_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(combine_study)
+
+    gradients = tmp_path / "gradients"
+    train = make_record("train", 400, 0.0, 10)
+    for record in (train, make_record("CIFAR-10", 300, 0.0, 0), make_record("LSUN", 200, 1.0, 1),
+                   make_record("SVHN", 100, 0.5, 2)):
+        write(record, gradients)
+    run(gradients, tmp_path / "results")
+    rows = combine_study.study(gradients / "CIFAR-10" / "resnet" / "min", "CIFAR-10")
+    assert [r["OOD set"] for r in rows] == ["LSUN", "SVHN", "average"]
+    table = json.loads((tmp_path / "results/CIFAR-10/resnet/norm_single-min/LSUN.json").read_text())
+    assert rows[0]["combined"] == pytest.approx({r["row"]: r for r in table["rows"]}["combined"]["AUROC"])
+    stds = {name: np.log(v.astype(np.float64)).std() for name, v in train["layers"].items()}
+    assert rows[0]["picked"] == min(stds, key=stds.get)
