@@ -195,3 +195,24 @@ def test_a_new_layer_type_is_one_registered_rule():
     finally:
         from utils import per_sample
         del per_sample._RULES[Scaled]
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_is_off_while_tracking_unless_asked_and_the_settings_come_back(tf32):
+    """On Ampere and later GPUs PyTorch runs convolutions in TF32 by default, ~1e-3 relative: the engine turns
+    TF32 off for matrix products and convolutions while it tracks (on with ``tf32``, to measure it) and gives the
+    caller's settings back. The flags are read inside the forward pass; on the CPU they change nothing."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    model = calibrated_model("resnet20", torch.float32)
+    seen = []
+    model.conv1.register_forward_hook(lambda *_: seen.append((matmul.allow_tf32, cudnn.allow_tf32)))
+    caller = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        for setting in [(True, True), (False, True), (False, False)]:
+            matmul.allow_tf32, cudnn.allow_tf32 = setting
+            _, out = gradient_scores(model, torch.rand(2, 3, 32, 32), [DETECTORS["min"]], tf32=tf32)
+            assert seen.pop() == (tf32, tf32)
+            assert (matmul.allow_tf32, cudnn.allow_tf32) == setting
+            assert out["min"].total.isfinite().all()
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = caller
