@@ -263,7 +263,8 @@ def training_speed(device: torch.device, sizes: Sizes) -> list[dict]:
         torch.backends.cudnn.benchmark = True  # as training.start sets it
     precisions = {"float32": None, "bf16 AMP": torch.bfloat16} if device.type == "cuda" else {"float32": None}
     return [{"arch": arch, "images a step": "+".join(map(str, sizes.step_batch)), "precision": precision,
-             "channels_last": "on" if channels_last else "off", "images/s": step_rate(arch, device, amp, channels_last, sizes)}
+             "channels_last": "on" if channels_last else "off",
+             "images/s": step_rate(arch, device, amp, channels_last, sizes)}
             for arch in sizes.archs for precision, amp in precisions.items() for channels_last in (False, True)]
 
 
@@ -423,12 +424,13 @@ def merged(root: Path, name: str, num_samples: int) -> str:
 # the report
 
 def environment(device: torch.device) -> dict:
-    cuda = device.type == "cuda"
-    return {"device": torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()}, "
-                                                                       f"{torch.get_num_threads()} threads)",
+    """What the figures were measured on, and the TF32 settings this process started with."""
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
             "torch": torch.__version__, "CUDA": torch.version.cuda, "cuDNN": torch.backends.cudnn.version(),
             "Python": platform.python_version(), "GPUs": torch.cuda.device_count(), "CPU cores": os.cpu_count(),
-            "TF32 by default (matmul, cuDNN)": f"{torch.backends.cuda.matmul.allow_tf32}, {torch.backends.cudnn.allow_tf32}",
+            "TF32 by default (matmul, cuDNN)": ", ".join(map(str, tf32)),
             "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -440,7 +442,8 @@ def run_section(name: str, title: str, section: Callable[[], list[dict]]) -> dic
     except Exception:  # recorded, so that one failing path does not hide the others
         rows, error = [], traceback.format_exc()
     ok = error is None and all(row.get("ok") is not False for row in rows)
-    return {"name": name, "title": title, "ok": ok, "seconds": time.perf_counter() - started, "rows": rows, "error": error}
+    return {"name": name, "title": title, "ok": ok, "seconds": time.perf_counter() - started, "rows": rows,
+            "error": error}
 
 
 def cell(key: str, value: object) -> str:
@@ -474,20 +477,23 @@ def main() -> None:
                         help="folder for report.md, report.json and the runs' files (default: %(default)s)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device is visible; run it on a GPU machine, or with --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("error: no CUDA device is visible; run it on a GPU machine, or with --device cpu")
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
     sizes = QUICK if args.quick else FULL
     work = args.out / "runs"  # checkpoints and gradients of the runs, made afresh
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    started = time.perf_counter()
+    started, setting = time.perf_counter(), environment(device)
     sections = [run_section("exactness", "Exactness: tracked on the device vs the float64 CPU loop",
                             lambda: exactness(device, sizes)),
                 run_section("tracking", "Tracking speed (images/s; TF32 off)", lambda: tracking_speed(device, sizes)),
                 run_section("training", "Training step speed", lambda: training_speed(device, sizes)),
-                run_section("epoch", "One epoch of train_energy.py on digits", lambda: digits_epoch(device, sizes, work)),
+                run_section("epoch", "One epoch of train_energy.py on digits",
+                            lambda: digits_epoch(device, sizes, work)),
                 run_section("paths", "Paths", lambda: paths(device, sizes, work, args.quick))]
-    report = {"environment": environment(device), "sizes": asdict(sizes), "quick": args.quick,
+    report = {"environment": setting, "sizes": asdict(sizes), "quick": args.quick,
               "ok": all(s["ok"] for s in sections), "seconds": time.perf_counter() - started, "sections": sections}
     text = markdown(report)
     (args.out / "report.md").write_text(text + "\n")

@@ -36,4 +36,5 @@ def test_the_quick_cpu_run_passes_every_check_and_writes_its_report(tmp_path):
     assert 0 < epoch["waiting for training data (s)"] < epoch["epoch (s, training + test accuracy)"]
     paths = {row["path"]: row for row in sections["paths"]["rows"]}
     assert all(row["ok"] for name, row in paths.items() if name != "torchrun"), paths
-    assert "merged digits.pkl, gaussian.pkl: 16 samples each" in paths["track_gradient.py --shard 1/2 (merges)"]["outputs"]
+    merging = paths["track_gradient.py --shard 1/2 (merges)"]["outputs"]
+    assert "merged digits.pkl, gaussian.pkl: 16 samples each" in merging
