@@ -197,22 +197,43 @@ def test_a_new_layer_type_is_one_registered_rule():
         del per_sample._RULES[Scaled]
 
 
+MATMUL, CUDNN = torch.backends.cuda.matmul, torch.backends.cudnn
+NEW_TF32_API = hasattr(CUDNN, "conv")  # torch >= 2.9: a precision per operation, over the allow_tf32 flags
+
+
+def tf32_state() -> tuple:
+    """TF32 for matrix products and convolutions, as the kernels read it."""
+    if NEW_TF32_API:
+        return MATMUL.fp32_precision, CUDNN.conv.fp32_precision, torch.backends.fp32_precision
+    return MATMUL.allow_tf32, CUDNN.allow_tf32
+
+
 @pytest.mark.parametrize("tf32", [False, True])
 def test_tf32_is_off_while_tracking_unless_asked_and_the_settings_come_back(tf32):
     """On Ampere and later GPUs PyTorch runs convolutions in TF32 by default, ~1e-3 relative: the engine turns
     TF32 off for matrix products and convolutions while it tracks (on with ``tf32``, to measure it) and gives the
-    caller's settings back. The flags are read inside the forward pass; on the CPU they change nothing."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    caller's settings back, whichever API set them. The settings are read inside the forward pass; on the CPU
+    they change nothing."""
     model = calibrated_model("resnet20", torch.float32)
     seen = []
-    model.conv1.register_forward_hook(lambda *_: seen.append((matmul.allow_tf32, cudnn.allow_tf32)))
-    caller = matmul.allow_tf32, cudnn.allow_tf32
+    model.conv1.register_forward_hook(lambda *_: seen.append(tf32_state()[:2]))
+    expected = ("tf32", "tf32") if tf32 else ("ieee", "ieee")
+    setups = [(MATMUL, "allow_tf32", True), (CUDNN, "allow_tf32", True), (CUDNN, "allow_tf32", False)]
+    if NEW_TF32_API:  # the new API alone, per operation and globally; then the two APIs disagree
+        setups += [(CUDNN.conv, "fp32_precision", "ieee"), (MATMUL, "fp32_precision", "tf32"),
+                   (torch.backends, "fp32_precision", "tf32")]
+    legacy = MATMUL.allow_tf32, CUDNN.allow_tf32
+    caller = tf32_state()
     try:
-        for setting in [(True, True), (False, True), (False, False)]:
-            matmul.allow_tf32, cudnn.allow_tf32 = setting
+        for owner, name, value in setups:
+            setattr(owner, name, value)
+            before = tf32_state()
             _, out = gradient_scores(model, torch.rand(2, 3, 32, 32), [DETECTORS["min"]], tf32=tf32)
-            assert seen.pop() == (tf32, tf32)
-            assert (matmul.allow_tf32, cudnn.allow_tf32) == setting
+            assert seen.pop() == (expected if NEW_TF32_API else (tf32, tf32)), (name, value)
+            assert tf32_state() == before, (name, value)
             assert out["min"].total.isfinite().all()
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = caller
+        MATMUL.allow_tf32, CUDNN.allow_tf32 = legacy
+        if NEW_TF32_API:
+            MATMUL.fp32_precision, CUDNN.conv.fp32_precision, torch.backends.fp32_precision = caller
+    assert tf32_state() == caller

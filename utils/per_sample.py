@@ -148,14 +148,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 @contextmanager
 def tf32_mode(enabled: bool) -> Iterator[None]:
     """Run the block with TF32 on or off for CUDA matrix products and cuDNN convolutions, then restore the
-    previous settings. (The flags exist in every torch 2.x; on the CPU they change nothing.)"""
+    previous settings; on the CPU they change nothing. Torch 2.9 on has a precision per operation, which the
+    kernels read and which overrides the older ``allow_tf32`` flags; there the flags are left alone (reading them
+    fails once the two APIs disagree)."""
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    previous = matmul.allow_tf32, cudnn.allow_tf32
-    matmul.allow_tf32 = cudnn.allow_tf32 = enabled
+    if hasattr(cudnn, "conv"):
+        settings, value = [(matmul, "fp32_precision"), (cudnn.conv, "fp32_precision")], "tf32" if enabled else "ieee"
+    else:
+        settings, value = [(matmul, "allow_tf32"), (cudnn, "allow_tf32")], enabled
+    previous = [getattr(owner, name) for owner, name in settings]
+    for owner, name in settings:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = previous
+        for (owner, name), setting in zip(settings, previous):
+            setattr(owner, name, setting)
 
 
 def reference_norms(model: nn.Module, image: torch.Tensor,
