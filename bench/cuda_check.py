@@ -58,7 +58,7 @@ from utils.checkpoints import load_model  # noqa: E402
 from utils.detectors import CONFOUNDING, DETECTORS, Detector, Scores, gradient_scores, rows_per_sample  # noqa: E402
 from utils.distributed import all_reduce_sum  # noqa: E402
 from utils.gradients import gradient_path, load_gradients  # noqa: E402
-from utils.per_sample import tf32_mode  # noqa: E402
+from utils.per_sample import tf32_mode, tf32_settings  # noqa: E402
 
 TOLERANCE = 1e-4  # float32 against the float64 definition, as the tests hold the engine on the CPU
 TIMED = (DETECTORS["min"], CONFOUNDING)
@@ -426,11 +426,11 @@ def merged(root: Path, name: str, num_samples: int) -> str:
 def environment(device: torch.device) -> dict:
     """What the figures were measured on, and the TF32 settings this process started with."""
     cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    tf32 = [getattr(owner, name) for owner, name in tf32_settings()]
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
             "torch": torch.__version__, "CUDA": torch.version.cuda, "cuDNN": torch.backends.cudnn.version(),
             "Python": platform.python_version(), "GPUs": torch.cuda.device_count(), "CPU cores": os.cpu_count(),
-            "TF32 by default (matmul, cuDNN)": ", ".join(map(str, tf32)),
+            "TF32 outside tracking (matmul, convolutions)": ", ".join(map(str, tf32)),
             "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import models
 from utils.detectors import DETECTORS, cross_entropy_rows, gradient_scores
-from utils.per_sample import norm_rule, reference_norms, tracked_layers, weight_gradient_norms
+from utils.per_sample import norm_rule, reference_norms, tf32_settings, tracked_layers, weight_gradient_norms
 
 # torch.backends.mkldnn.flags() warns about a TF32 setting that concerns only Intel GPUs
 pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
@@ -202,10 +202,9 @@ NEW_TF32_API = hasattr(CUDNN, "conv")  # torch >= 2.9: a precision per operation
 
 
 def tf32_state() -> tuple:
-    """TF32 for matrix products and convolutions, as the kernels read it."""
-    if NEW_TF32_API:
-        return MATMUL.fp32_precision, CUDNN.conv.fp32_precision, torch.backends.fp32_precision
-    return MATMUL.allow_tf32, CUDNN.allow_tf32
+    """TF32 for matrix products and convolutions, as the kernels read it (and the new API's global setting)."""
+    return (*(getattr(owner, name) for owner, name in tf32_settings()),
+            *([torch.backends.fp32_precision] if NEW_TF32_API else []))
 
 
 @pytest.mark.parametrize("tf32", [False, True])

@@ -145,20 +145,24 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-@contextmanager
-def tf32_mode(enabled: bool) -> Iterator[None]:
-    """Run the block with TF32 on or off for CUDA matrix products and cuDNN convolutions, then restore the
-    previous settings; on the CPU they change nothing. Torch 2.9 on has a precision per operation, which the
-    kernels read and which overrides the older ``allow_tf32`` flags; there the flags are left alone (reading them
-    fails once the two APIs disagree)."""
+def tf32_settings() -> list[tuple[object, str]]:
+    """Where TF32 is set for CUDA matrix products and cuDNN convolutions, as (object, attribute): from torch 2.9
+    on, their per-operation ``fp32_precision`` ("tf32" or "ieee"), which the kernels read and which overrides the
+    older ``allow_tf32`` flags (reading those fails once the two APIs disagree); before, the flags."""
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     if hasattr(cudnn, "conv"):
-        settings, value = [(matmul, "fp32_precision"), (cudnn.conv, "fp32_precision")], "tf32" if enabled else "ieee"
-    else:
-        settings, value = [(matmul, "allow_tf32"), (cudnn, "allow_tf32")], enabled
+        return [(matmul, "fp32_precision"), (cudnn.conv, "fp32_precision")]
+    return [(matmul, "allow_tf32"), (cudnn, "allow_tf32")]
+
+
+@contextmanager
+def tf32_mode(enabled: bool) -> Iterator[None]:
+    """Run the block with TF32 on or off for CUDA matrix products and cuDNN convolutions (``tf32_settings``),
+    then restore the previous settings; on the CPU they change nothing."""
+    settings = tf32_settings()
     previous = [getattr(owner, name) for owner, name in settings]
-    for owner, name in settings:
-        setattr(owner, name, value)
+    for (owner, name), setting in zip(settings, previous):
+        setattr(owner, name, ("tf32" if enabled else "ieee") if isinstance(setting, str) else enabled)
     try:
         yield
     finally:
