@@ -21,7 +21,8 @@ recorded and the others still run; the exit status is 1 if a check failed. Speed
 loop, ≥ 0.8 of the ceiling, ahead of vmap) are reported, not enforced. ``--device cpu --quick`` runs the
 same on the CPU in under a minute, with fewer images and ResNet-20 only (the test suite does).
 
-    python bench/cuda_check.py                        # cuda:0, about 5 minutes on one H100
+    python bench/cuda_check.py                        # cuda:0; aimed at <= 6 minutes on one H100
+    python bench/cuda_check.py --quick                # the GPU smoke run: every path, small sizes
     python bench/cuda_check.py --device cpu --quick --out /tmp/cuda_check
 """
 import argparse
@@ -67,6 +68,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Sizes:
+    """How much each section measures: ``FULL`` for the figures, ``QUICK`` for a smoke run."""
     archs: tuple[str, ...]
     exact_images: int              # compared against the float64 loop
     loop_images: int               # timed through the loop
