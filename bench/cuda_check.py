@@ -64,6 +64,9 @@ from utils.per_sample import tf32_mode, tf32_settings  # noqa: E402
 TOLERANCE = 1e-4  # float32 against the float64 definition, as the tests hold the engine on the CPU
 TIMED = (DETECTORS["min"], CONFOUNDING)
 T = TypeVar("T")
+SECTIONS = {"exactness": "Exactness: tracked on the device vs the float64 CPU loop",
+            "tracking": "Tracking speed (images/s; TF32 off)", "training": "Training step speed",
+            "epoch": "One epoch of train_energy.py on digits", "paths": "Paths"}
 
 
 @dataclass(frozen=True)
@@ -477,6 +480,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images, ResNet-20 only: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("cuda_check_report"),
                         help="folder for report.md, report.json and the runs' files (default: %(default)s)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
+                        help=f"run only these sections, of {', '.join(SECTIONS)} (default: all)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -488,13 +493,11 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     started, setting = time.perf_counter(), environment(device)
-    sections = [run_section("exactness", "Exactness: tracked on the device vs the float64 CPU loop",
-                            lambda: exactness(device, sizes)),
-                run_section("tracking", "Tracking speed (images/s; TF32 off)", lambda: tracking_speed(device, sizes)),
-                run_section("training", "Training step speed", lambda: training_speed(device, sizes)),
-                run_section("epoch", "One epoch of train_energy.py on digits",
-                            lambda: digits_epoch(device, sizes, work)),
-                run_section("paths", "Paths", lambda: paths(device, sizes, work, args.quick))]
+    checks = {"exactness": lambda: exactness(device, sizes), "tracking": lambda: tracking_speed(device, sizes),
+              "training": lambda: training_speed(device, sizes), "epoch": lambda: digits_epoch(device, sizes, work),
+              "paths": lambda: paths(device, sizes, work, args.quick)}
+    sections = [run_section(name, title, checks[name]) for name, title in SECTIONS.items()
+                if name in (args.only or SECTIONS)]
     report = {"environment": setting, "sizes": asdict(sizes), "quick": args.quick,
               "ok": all(s["ok"] for s in sections), "seconds": time.perf_counter() - started, "sections": sections}
     text = markdown(report)
