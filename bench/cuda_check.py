@@ -60,6 +60,7 @@ from utils.detectors import CONFOUNDING, DETECTORS, Detector, Scores, gradient_s
 from utils.distributed import all_reduce_sum  # noqa: E402
 from utils.gradients import gradient_path, load_gradients  # noqa: E402
 from utils.per_sample import tf32_mode, tf32_settings  # noqa: E402
+from utils.runtime import loader_workers  # noqa: E402
 
 TOLERANCE = 1e-4  # float32 against the float64 definition, as the tests hold the engine on the CPU
 TIMED = (DETECTORS["min"], CONFOUNDING)
@@ -312,6 +313,7 @@ def digits_epoch(device: torch.device, sizes: Sizes, folder: Path) -> list[dict]
     with open(folder / "checkpoints" / "digits" / "epoch" / "log.csv") as f:
         seconds = float(next(csv.DictReader(f))["seconds"])
     return [{"arch": "resnet20", "training images": sizes.limit, "images a step": "+".join(map(str, sizes.step_batch)),
+             "loader workers": loader_workers(None, device),
              "epoch (s, training + test accuracy)": seconds, "waiting for training data (s)": waiting[0],
              "computing (s)": seconds - waiting[0], "bound by": "data" if waiting[0] > seconds / 2 else "computing"}]
 
