@@ -8,7 +8,7 @@ from torch import nn
 
 import models
 from utils.detectors import DETECTORS, cross_entropy_rows, gradient_scores
-from utils.per_sample import norm_rule, reference_norms, tracked_layers, weight_gradient_norms
+from utils.per_sample import norm_rule, reference_norms, tf32_settings, tracked_layers, weight_gradient_norms
 
 # torch.backends.mkldnn.flags() warns about a TF32 setting that concerns only Intel GPUs
 pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
@@ -195,3 +195,44 @@ def test_a_new_layer_type_is_one_registered_rule():
     finally:
         from utils import per_sample
         del per_sample._RULES[Scaled]
+
+
+MATMUL, CUDNN = torch.backends.cuda.matmul, torch.backends.cudnn
+NEW_TF32_API = hasattr(CUDNN, "conv")  # torch >= 2.9: a precision per operation, over the allow_tf32 flags
+
+
+def tf32_state() -> tuple:
+    """TF32 for matrix products and convolutions, as the kernels read it (and the new API's global setting)."""
+    return (*(getattr(owner, name) for owner, name in tf32_settings()),
+            *([torch.backends.fp32_precision] if NEW_TF32_API else []))
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_is_off_while_tracking_unless_asked_and_the_settings_come_back(tf32):
+    """On Ampere and later GPUs PyTorch runs convolutions in TF32 by default, ~1e-3 relative: the engine turns
+    TF32 off for matrix products and convolutions while it tracks (on with ``tf32``, to measure it) and gives the
+    caller's settings back, whichever API set them. The settings are read inside the forward pass; on the CPU
+    they change nothing."""
+    model = calibrated_model("resnet20", torch.float32)
+    seen = []
+    model.conv1.register_forward_hook(lambda *_: seen.append(tf32_state()[:2]))
+    expected = ("tf32", "tf32") if tf32 else ("ieee", "ieee")
+    setups = [(MATMUL, "allow_tf32", True), (CUDNN, "allow_tf32", True), (CUDNN, "allow_tf32", False)]
+    if NEW_TF32_API:  # the new API alone, per operation and globally; then the two APIs disagree
+        setups += [(CUDNN.conv, "fp32_precision", "ieee"), (MATMUL, "fp32_precision", "tf32"),
+                   (torch.backends, "fp32_precision", "tf32")]
+    legacy = MATMUL.allow_tf32, CUDNN.allow_tf32
+    caller = tf32_state()
+    try:
+        for owner, name, value in setups:
+            setattr(owner, name, value)
+            before = tf32_state()
+            _, out = gradient_scores(model, torch.rand(2, 3, 32, 32), [DETECTORS["min"]], tf32=tf32)
+            assert seen.pop() == (expected if NEW_TF32_API else (tf32, tf32)), (name, value)
+            assert tf32_state() == before, (name, value)
+            assert out["min"].total.isfinite().all()
+    finally:
+        MATMUL.allow_tf32, CUDNN.allow_tf32 = legacy
+        if NEW_TF32_API:
+            MATMUL.fp32_precision, CUDNN.conv.fp32_precision, torch.backends.fp32_precision = caller
+    assert tf32_state() == caller

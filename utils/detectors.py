@@ -281,11 +281,12 @@ def rows_per_sample(detectors: Sequence[Detector], num_classes: int) -> int:
     return sum(len(d.output_gradients(logits)) for d in {d.rows: d for d in detectors}.values())
 
 
-def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector]
+def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector], tf32: bool = False
                     ) -> tuple[torch.Tensor, dict[str, Scores]]:
     """Every detector's per-sample values on images ``x`` (B, 3, H, W), from one forward pass and one batched
     backward pass of the rows they need (each distinct set once). The model runs in eval mode; its modes are
-    restored afterwards. Returns the logits (B, K) and each detector's ``Scores`` by name."""
+    restored afterwards; TF32 is off on a GPU unless ``tf32`` (``utils.per_sample.tf32_mode``). Returns the
+    logits (B, K) and each detector's ``Scores`` by name."""
     last_layer = list(tracked_parameters(model))[-1]
     groups = list({d.rows: d for d in detectors}.values())  # one detector per distinct set of rows builds them
     group_of = {d.rows: i for i, d in enumerate(groups)}
@@ -293,7 +294,7 @@ def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detec
                                   for p, layers in d.requests(last_layer)))
     with eval_mode(model):
         logits, results = weight_gradient_norms(model, x, lambda z: [d.output_gradients(z) for d in groups],
-                                                tuple(requests))
+                                                tuple(requests), tf32)
     by_request = dict(zip(requests, results))
     scores = {d.name: d.reduce([by_request[group_of[d.rows], p, layers] for p, layers in d.requests(last_layer)],
                                logits)

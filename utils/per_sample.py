@@ -8,6 +8,9 @@ without a loop over samples. The network runs forward once per image: the R loss
 per class for ``min``/``max``) differ only in dL/dlogits, so their R output gradients are back-propagated
 together as a batched vector-Jacobian product.
 
+On a GPU TF32 is off while the engine tracks (``tf32_mode``): PyTorch runs convolutions in TF32 by default on
+Ampere and later GPUs, which moves gradient norms by ~1e-3 relative.
+
 A rule, registered by layer type (``@norm_rule(nn.Linear)``), computes Σ |dL/dW|^p for p = 1 or 2 of
 every (row, sample): supporting a new layer type is one function. Each sample's gradient is that of a
 batch of one when the model is in eval mode (``eval_mode``).
@@ -142,6 +145,31 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+def tf32_settings() -> list[tuple[object, str]]:
+    """Where TF32 is set for CUDA matrix products and cuDNN convolutions, as (object, attribute): from torch 2.9
+    on, their per-operation ``fp32_precision`` ("tf32" or "ieee"), which the kernels read and which overrides the
+    older ``allow_tf32`` flags (reading those fails once the two APIs disagree); before, the flags."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(cudnn, "conv"):
+        return [(matmul, "fp32_precision"), (cudnn.conv, "fp32_precision")]
+    return [(matmul, "allow_tf32"), (cudnn, "allow_tf32")]
+
+
+@contextmanager
+def tf32_mode(enabled: bool) -> Iterator[None]:
+    """Run the block with TF32 on or off for CUDA matrix products and cuDNN convolutions (``tf32_settings``),
+    then restore the previous settings; on the CPU they change nothing."""
+    settings = tf32_settings()
+    previous = [getattr(owner, name) for owner, name in settings]
+    for (owner, name), setting in zip(settings, previous):
+        setattr(owner, name, ("tf32" if enabled else "ieee") if isinstance(setting, str) else enabled)
+    try:
+        yield
+    finally:
+        for (owner, name), setting in zip(settings, previous):
+            setattr(owner, name, setting)
+
+
 def reference_norms(model: nn.Module, image: torch.Tensor,
                     losses: Callable[[torch.Tensor], list[torch.Tensor]], p: int = 2) -> torch.Tensor:
     """The definition the engine is held to, for one image (3, H, W) and a model in eval mode: a batch of one,
@@ -164,7 +192,7 @@ for ``layers`` (None: every tracked layer)."""
 
 def weight_gradient_norms(model: nn.Module, x: torch.Tensor,
                           output_grads: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]],
-                          requests: tuple[NormRequest, ...] = ((0, 2, None),)
+                          requests: tuple[NormRequest, ...] = ((0, 2, None),), tf32: bool = False
                           ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """One forward pass of ``x`` (B images) and one batched backward pass.
 
@@ -173,8 +201,15 @@ def weight_gradient_norms(model: nn.Module, x: torch.Tensor,
     layers)``, a dict: for each of those tracked weights W in model order, the p-norm ‖dL/dW‖_p of each loss
     of that group for every sample, (R_group, B). The backward pass carries each
     dL/dlogits scaled to unit length (the gradients are linear in it), so tiny gradients of confident
-    predictions neither underflow nor lose precision.
+    predictions neither underflow nor lose precision. TF32 is off throughout unless ``tf32`` (to measure it).
     """
+    with tf32_mode(tf32):
+        return _weight_gradient_norms(model, x, output_grads, requests)
+
+
+def _weight_gradient_norms(model: nn.Module, x: torch.Tensor,
+                           output_grads: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]],
+                           requests: tuple[NormRequest, ...]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     layers = tracked_layers(model)
     inputs, outputs = {}, {}
 
