@@ -108,6 +108,19 @@ def test_compare_equals_the_per_detector_tables(roots, capsys):
     assert {m: float(first[m]) for m in METRICS} == table["rows"][0]["results"]["LSUN"]
 
 
+def test_compare_flip_inverts_the_detectors_only(roots):
+    run(roots, "--compare")
+    run(roots, "--compare", "--flip")
+    base = roots[1] / "CIFAR-10" / "resnet"
+    plain = {e["name"]: e for e in json.loads((base / "compare" / "comparison.json").read_text())["rows"]}
+    flipped = json.loads((base / "compare-flip" / "comparison.json").read_text())
+    assert flipped["flip"]
+    for entry in flipped["rows"]:
+        auroc = plain[entry["name"]]["results"]["LSUN"]["AUROC"]
+        expected = auroc if entry["kind"] == "baseline" else 100 - auroc
+        assert entry["results"]["LSUN"]["AUROC"] == pytest.approx(expected)
+
+
 def test_compare_with_one_detector_and_one_ood_set(tmp_path, capsys):
     gradients = tmp_path / "gradients"
     for dataset, n, seed in (("CIFAR-10", 120, 0), ("LSUN", 90, 1)):
@@ -230,7 +243,8 @@ def test_compare_under_the_protocol_equals_the_per_detector_tables_and_is_reprod
         keys = [*METRICS, OOD_POSITIVE_FPR]
         assert exgrad["results"][dataset] == {k: row[k] for k in [*keys, *(f"{k}_std" for k in keys)]}
     line = next(line for line in out.splitlines() if line.startswith("exgrad:"))
-    assert f"{exgrad['results']['LSUN']['AUROC']:.2f} ± {exgrad['results']['LSUN']['AUROC_std']:.2f}" in line
+    lsun = exgrad["results"]["LSUN"]
+    assert f"{lsun['AUROC']:.2f} ± {lsun['AUROC_std']:5.2f}" in line
 
 
 def test_ood_positive_fpr95_is_openoods_operating_point():

@@ -184,9 +184,10 @@ FULL = Protocol()
 
 
 def metric_cell(row: dict, metric: str) -> str:
-    """A metric as printed: ``12.34``, or ``12.34 ± 0.56`` where it is a mean over draws."""
+    """A metric as printed: ``12.34``, or `` 12.34 ±  0.56`` where it is a mean over draws (padded, so that a
+    right-aligned column lines up on the ±)."""
     std = row.get(f"{metric}_std")
-    return f"{row[metric]:.2f}" if std is None else f"{row[metric]:.2f} ± {std:.2f}"
+    return f"{row[metric]:.2f}" if std is None else f"{row[metric]:6.2f} ± {std:5.2f}"
 
 
 def metric_columns(protocol: Protocol) -> list[str]:
