@@ -13,7 +13,8 @@ and writes it to ``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-fl
 ``--compare`` reads every detector tracked for the model (each folder under ``<gradient root>/<in-dataset>/<name>/``
 named after one) and prints one row per detector, its headline score, and the baselines once, per OOD set
 and their average, sorted by average AUROC; written to ``.../<name>/compare[-flip][-energy_ood]/comparison.json|csv``.
-``--plot`` then draws, per detector, each tracked layer's AUROC against its depth (``<detector>_layers.png``).
+``--plot`` draws each tracked layer's AUROC against its depth (``layers.png``; with ``--compare`` one per
+detector, ``<detector>_layers.png``).
 ``--protocol=energy_ood`` evaluates as energy_ood's and Outlier Exposure's ``test.py`` (10 seeded draws of a
 fifth of the ID set's size from each OOD set, mean ± std); ``--ood-positive`` adds OpenOOD's FPR95 (OOD+).
 
@@ -51,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "MSP / Energy baselines, per OOD set and their average")
     parser.add_argument("--flip", action="store_true", help="invert the gradient score's sign")
     parser.add_argument("--plot", action="store_true",
-                        help="save ID-vs-OOD histograms and ROC curves of total and the best and worst layer; with "
-                             "--compare, each detector's per-layer AUROC against depth")
+                        help="save each tracked layer's AUROC against its depth (with --compare: per detector) and, "
+                             "without --compare, ID-vs-OOD histograms and ROC curves of total and the best and "
+                             "worst layer")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="full",
                         help="full: every sample of each OOD set (default); energy_ood: as energy_ood's and OE's "
                              "test.py, 10 random subsets of each OOD set of a fifth of the ID set's size, mean ± std")
@@ -205,6 +207,8 @@ def per_layer_tables(args: argparse.Namespace) -> None:
     if args.dataset == "all":
         average = average_table(tables)
         report(average, write_table(average, folder / "average"))
+    if args.plot:
+        print(f"wrote {plot_layers(tables, folder / 'layers.png')}")
 
 
 def detector_args(args: argparse.Namespace, detector: Detector) -> argparse.Namespace:
