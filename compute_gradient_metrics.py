@@ -2,11 +2,21 @@
 
     python compute_gradient_metrics.py --name=resnet --saved_form=norm_single --score=min --dataset=LSUN
     python compute_gradient_metrics.py --name=resnet_bce --saved_form=original_single --dataset=all --plot
+    python compute_gradient_metrics.py --name=resnet --compare --plot
+    python compute_gradient_metrics.py --name=resnet --compare --protocol=energy_ood --ood-positive
 
 reads ``<gradient root>/<in-dataset>/<name>/<score or "original">/<in-dataset>.pkl`` (the ID test set) and
 the OOD set's file beside it (``--dataset all``: every other ``*.pkl`` there), prints one table per OOD set
 (and their average) — every tracked layer, ``total``, and the MSP / Energy baselines of the same samples —
-and writes it to ``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip]/<dataset>.json|csv``.
+and writes it to ``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip][-energy_ood]/<dataset>.json|csv``.
+
+``--compare`` reads every detector tracked for the model (each folder under ``<gradient root>/<in-dataset>/<name>/``
+named after one) and prints one row per detector, its headline score, and the baselines once, per OOD set
+and their average, sorted by average AUROC; written to ``.../<name>/compare[-flip][-energy_ood]/comparison.json|csv``.
+``--plot`` draws each tracked layer's AUROC against its depth (``layers.png``; with ``--compare`` one per
+detector, ``<detector>_layers.png``).
+``--protocol=energy_ood`` evaluates as energy_ood's and Outlier Exposure's ``test.py`` (10 seeded draws of a
+fifth of the ID set's size from each OOD set, mean ± std); ``--ood-positive`` adds OpenOOD's FPR95 (OOD+).
 
 Conventions (``utils/metrics.py``): ID is the positive class and the score is higher for ID, each detector's
 sign from ``utils/detectors.py``: −norm for ``norm_single`` with ``min``/``pred``/``exgrad``, +norm with
@@ -15,14 +25,17 @@ sign from ``utils/detectors.py``: −norm for ``norm_single`` with ``min``/``pre
 import argparse
 from pathlib import Path
 
-from utils.data import check_dataset_name
-from utils.errors import UserError
+import numpy as np
+
 from utils.combine import SHRINKAGE, GaussianFit, combined_score, fit_gaussian
-from utils.detectors import TRACK_GRADIENT_SCORES
-from utils.gradients import GRADIENT_ROOT, GradientFileError, gradient_path, load_gradients
-from utils.metrics import (SAVED_FORMS, average_table, baseline_scores, best_and_worst_layers, detection_table,
-                           format_table, gradient_rows, score_sign, write_table)
-from utils.plots import plot_detection
+from utils.compare import comparison_table, format_comparison, saved_form_of, tracked_detectors, write_comparison
+from utils.data import check_dataset_name
+from utils.detectors import TRACK_GRADIENT_SCORES, Detector
+from utils.errors import UserError
+from utils.gradients import GRADIENT_ROOT, GradientFileError, gradient_path, load_gradients, ood_dataset_names
+from utils.metrics import (PROTOCOLS, SAVED_FORMS, Protocol, average_table, baseline_scores, best_and_worst_layers,
+                           detection_table, format_table, gradient_rows, score_sign, write_table)
+from utils.plots import plot_detection, plot_layer_auroc
 from utils.runtime import run_script
 from utils.tracking import TRAIN_SPLIT
 
@@ -32,24 +45,41 @@ DEFAULT_IN_DATASET = "CIFAR-10"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, help="model name, as given to train_*.py and track_*.py")
-    parser.add_argument("--saved_form", "--saved-form", required=True, choices=SAVED_FORMS,
-                        help="norm_single: track_gradient.py's files; original_single: track_gradient_original.py's")
+    parser.add_argument("--saved_form", "--saved-form", choices=SAVED_FORMS,
+                        help="norm_single: track_gradient.py's files; original_single: track_gradient_original.py's "
+                             "(required without --compare)")
     parser.add_argument("--score", choices=TRACK_GRADIENT_SCORES,
                         help="the detector tracked by track_gradient.py (norm_single only, where it is required)")
     parser.add_argument("--dataset", default="all", help="OOD set, or 'all' for every tracked one (default: all)")
     parser.add_argument("--in-dataset", default=DEFAULT_IN_DATASET, help=f"default: {DEFAULT_IN_DATASET}")
+    parser.add_argument("--compare", action="store_true",
+                        help="one table of every detector tracked for the model (its headline score) and the "
+                             "MSP / Energy baselines, per OOD set and their average")
     parser.add_argument("--flip", action="store_true", help="invert the gradient score's sign")
     parser.add_argument("--combine", choices=(*SHRINKAGE, "none"), default="ledoitwolf",
                         help="the 'combined' row: a Gaussian on the log per-layer norms of the in-distribution "
                              "training images (track with --dataset train), covariance shrunk by this estimator; "
                              "skipped with a note when that file is missing (default: %(default)s)")
     parser.add_argument("--plot", action="store_true",
-                        help="save ID-vs-OOD histograms and ROC curves of total and the best and worst layer")
+                        help="save each tracked layer's AUROC against its depth (with --compare: per detector) and, "
+                             "without --compare, ID-vs-OOD histograms and ROC curves of total and the best and "
+                             "worst layer")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="full",
+                        help="full: every sample of each OOD set (default); energy_ood: as energy_ood's and OE's "
+                             "test.py, 10 random subsets of each OOD set of a fifth of the ID set's size, mean ± std")
+    parser.add_argument("--seed", type=int, default=1, help="the seed of --protocol=energy_ood's draws (default: 1)")
+    parser.add_argument("--ood-positive", action="store_true",
+                        help="add FPR95 (OOD+): OOD the positive class, as OpenOOD and OE report it")
     parser.add_argument("--gpu", help="accepted for symmetry with the other scripts; metrics run on the CPU")
     parser.add_argument("--gradient-root", default=GRADIENT_ROOT, help=f"default: {GRADIENT_ROOT}")
     parser.add_argument("--results-root", default="results", help="default: results")
     args = parser.parse_args(argv)
-    if args.saved_form == "norm_single" and args.score is None:
+    if args.compare:
+        if args.saved_form or args.score:
+            parser.error("--compare reads every tracked detector; leave out --saved_form and --score")
+    elif args.saved_form is None:
+        parser.error("--saved_form is required (or --compare for every tracked detector)")
+    elif args.saved_form == "norm_single" and args.score is None:
         parser.error(f"--saved_form=norm_single needs --score={'|'.join(TRACK_GRADIENT_SCORES)}")
     if args.saved_form == "original_single" and args.score is not None:
         parser.error("--score does not apply to --saved_form=original_single (one confounding-label gradient "
@@ -115,8 +145,7 @@ def ood_datasets(args: argparse.Namespace, folder: Path) -> list[str]:
     """``--dataset``, or for ``all`` every OOD set tracked in ``folder``, in alphabetical order."""
     if args.dataset != "all":
         return [args.dataset]
-    names = sorted((p.stem for p in folder.glob("*.pkl")
-                    if p.stem not in (args.in_dataset, TRAIN_SPLIT) and ".shard" not in p.stem), key=str.lower)
+    names = ood_dataset_names(folder, args.in_dataset)
     if not names:
         raise UserError(f"no OOD gradients files in {folder}; make them with `{track_command(args, 'all')}`")
     return names
@@ -160,10 +189,21 @@ def combined_fit(args: argparse.Namespace, id_record: dict, id_path: Path) -> Ga
     return fit
 
 
+def distances(fit: GaussianFit | None, id_record: dict, ood_record: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ``combined`` row's raw values, the ID and OOD samples' Mahalanobis distances from ``fit``."""
+    return (-combined_score(fit, id_record), -combined_score(fit, ood_record)) if fit else None
+
+
 def results_folder(args: argparse.Namespace) -> Path:
-    """``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip]``."""
-    form = "-".join([args.saved_form, *([args.score] if args.score else []), *(["flip"] if args.flip else [])])
+    """``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip][-<protocol>]`` (``compare`` for the
+    comparison); the default protocol adds nothing."""
+    form = "-".join(["compare"] if args.compare else [args.saved_form, *([args.score] if args.score else [])])
+    form += "-flip" * args.flip + (f"-{args.protocol}" if args.protocol != "full" else "")
     return Path(args.results_root) / args.in_dataset / args.name / form
+
+
+def protocol_of(args: argparse.Namespace) -> Protocol:
+    return Protocol(args.protocol, seed=args.seed, ood_positive=args.ood_positive)
 
 
 def report(table: dict, written: list[Path]) -> None:
@@ -171,28 +211,33 @@ def report(table: dict, written: list[Path]) -> None:
     print("".join(f"wrote {path}\n" for path in written))
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-
-    # Load the ID file and every OOD file first, so that a bad file stops the run before anything is written.
+def load_records(args: argparse.Namespace, datasets: list[str]) -> tuple[Path, dict, dict[str, dict]]:
+    """The ID file's path and record and each OOD set's record, checked to come from the same model."""
     id_path = gradient_path(args.in_dataset, args.name, args.score, args.in_dataset, args.gradient_root)
-    datasets = ood_datasets(args, id_path.parent)
     id_record = load_record(id_path, args, args.in_dataset)
     ood_records = {}
     for dataset in datasets:
         path = gradient_path(args.in_dataset, args.name, args.score, dataset, args.gradient_root)
         ood_records[dataset] = load_record(path, args, dataset)
         check_same_model(id_record, id_path, ood_records[dataset], path)
+    return id_path, id_record, ood_records
+
+
+def per_layer_tables(args: argparse.Namespace) -> None:
+    """One detector's table per OOD set (and their average for ``--dataset all``), every tracked layer a row."""
+    # Load the ID file and every OOD file first, so that a bad file stops the run before anything is written.
+    id_folder = gradient_path(args.in_dataset, args.name, args.score, args.in_dataset, args.gradient_root).parent
+    id_path, id_record, ood_records = load_records(args, ood_datasets(args, id_folder))
 
     fit = combined_fit(args, id_record, id_path)
     sign = score_sign(args.saved_form, args.score, args.flip)
     folder = results_folder(args)
     tables = []
     for dataset, ood_record in ood_records.items():
-        distances = (-combined_score(fit, id_record), -combined_score(fit, ood_record)) if fit else None
-        table = detection_table(id_record, ood_record, args.saved_form, args.score, args.flip, distances)
+        table = detection_table(id_record, ood_record, args.saved_form, args.score, args.flip,
+                                combined=distances(fit, id_record, ood_record), protocol=protocol_of(args))
         if fit:
-            table["combined"] = fit.describe()
+            table["combined"] = fit.describe()  # what it was fit on: the same for every OOD set
         written = write_table(table, folder / dataset)
         if args.plot:
             written += plot_table(table, id_record, ood_record, sign, folder)
@@ -201,6 +246,78 @@ def main(argv: list[str] | None = None) -> None:
     if args.dataset == "all":
         average = average_table(tables)
         report(average, write_table(average, folder / "average"))
+    if args.plot:
+        print(f"wrote {plot_layers(tables, folder / 'layers.png')}")
+
+
+def detector_args(args: argparse.Namespace, detector: Detector) -> argparse.Namespace:
+    """``args`` as the per-layer mode would have them for ``detector`` (its ``--saved_form`` and ``--score``)."""
+    saved_form, score = saved_form_of(detector)
+    return argparse.Namespace(**{**vars(args), "saved_form": saved_form, "score": score})
+
+
+def compared_datasets(args: argparse.Namespace, model_folder: Path, detectors: list[Detector]) -> list[str]:
+    """``--dataset``, or for ``all`` the OOD sets tracked for every detector (saying which are left out)."""
+    if args.dataset != "all":
+        return [args.dataset]
+    tracked = {d.name: ood_dataset_names(model_folder / d.name, args.in_dataset) for d in detectors}
+    common = [name for name in next(iter(tracked.values())) if all(name in names for names in tracked.values())]
+    for detector, names in tracked.items():
+        if set(names) - set(common):
+            print(f"left out of the comparison (not tracked for every detector): "
+                  f"{', '.join(sorted(set(names) - set(common)))} of {detector}")
+    if not common:
+        listing = "; ".join(f"{d}: {', '.join(names) or '-'}" for d, names in tracked.items())
+        raise UserError(f"no OOD set is tracked for every detector under {model_folder} ({listing}); track the same "
+                        f"sets for each, e.g. `python track_gradient.py --name={args.name} --dataset=all --score=all`")
+    return common
+
+
+def plot_layers(per_set: list[dict], path: Path) -> Path:
+    """One detector's per-layer AUROC against depth: a line per OOD set, and their average if there are several."""
+    first = per_set[0]
+    title = (f"Where the signal lives: AUROC of each tracked layer\ndetector {first['score'] or 'original'} "
+             f"({first['gradient_score']}, {first['norm']}), model {first['model']['name']} on {first['in_dataset']}")
+    return plot_layer_auroc(path, per_set + [average_table(per_set)] * (len(per_set) > 1), title=title)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Every tracked detector's headline row and the baselines, in one table (and ``--plot``: per-layer AUROC)."""
+    model_folder = Path(args.gradient_root) / args.in_dataset / args.name
+    detectors = tracked_detectors(model_folder)
+    if not detectors:
+        raise UserError(f"no detector tracked for model {args.name} in {model_folder}; track some with "
+                        f"`python track_gradient.py --name={args.name} --dataset=all --score=all`")
+    datasets = compared_datasets(args, model_folder, detectors)
+    loaded = {d.name: load_records(detector_args(args, d), datasets) for d in detectors}
+    (first_path, first_id, _), *others = loaded.values()
+    for id_path, id_record, _ in others:
+        check_same_model(first_id, first_path, id_record, id_path)
+
+    folder, protocol = results_folder(args), protocol_of(args)
+    tables, written = {}, []
+    for detector in detectors:
+        id_path, id_record, ood_records = loaded[detector.name]
+        saved_form, score = saved_form_of(detector)
+        fit = combined_fit(detector_args(args, detector), id_record, id_path)
+        only = None if args.plot else [detector.headline_row(list(id_record["layers"]))]
+        tables[detector.name] = [detection_table(id_record, ood_record, saved_form, score, args.flip,
+                                                 combined=distances(fit, id_record, ood_record), protocol=protocol,
+                                                 only=only)
+                                 for ood_record in ood_records.values()]
+        if args.plot:
+            written.append(plot_layers(tables[detector.name], folder / f"{detector.name}_layers.png"))
+    table = comparison_table(tables)
+    print(format_comparison(table))
+    print("".join(f"wrote {path}\n" for path in write_comparison(table, folder / "comparison") + written))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.compare:
+        compare(args)
+    else:
+        per_layer_tables(args)
 
 
 if __name__ == "__main__":

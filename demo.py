@@ -4,8 +4,9 @@ In-distribution: scikit-learn's bundled handwritten digits (10 classes, upscaled
 Auxiliary outliers for energy training: random crops of the photographs scikit-learn ships.
 OOD test sets: the synthetic gaussian, rademacher and blobs sets of Outlier Exposure.
 
-It runs the real scripts, in order — both trainings, both trackings, both metric tables — with every
-output under one folder (``--out``, default ``demo_output/``)::
+It runs the real scripts, in order — both trainings, both trackings, both models' per-layer tables and
+the comparison of every tracked detector — with every output under one folder (``--out``, default
+``demo_output/``)::
 
     python demo.py            # ~5.5 minutes on two CPU cores
     python demo.py --quick    # a smoke run (what the test suite runs)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         checkpoints, "--overwrite")
     run("train_original.py", "--name=bce", *common, "--batch-size=32", f"--epochs={bce_epochs}", "--lr=0.05",
         checkpoints, "--overwrite")
-    # "train": the digits training images the combined row's Gaussian is fit on; then the OOD sets.
+    # "train": the digits training images the combined row's Gaussian is fit on; then the OOD sets, every
+    # detector of track_gradient.py from one pass.
     for dataset in ("train", *OOD_SETS):
         run("track_gradient.py", "--name=energy", f"--dataset={dataset}", "--score=all", f"--limit={limit}",
             *common, checkpoints, gradients)
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         "--in-dataset=digits", gradients, results, *plot)
     run("compute_gradient_metrics.py", "--name=bce", "--saved_form=original_single", "--dataset=all",
         "--in-dataset=digits", gradients, results, *plot)
+    for name in ("energy", "bce"):  # every tracked detector and the baselines in one table
+        run("compute_gradient_metrics.py", f"--name={name}", "--compare", "--in-dataset=digits", gradients, results,
+            *plot)
     print(f"\ndemo finished in {time.time() - start:.0f} s; everything is under {out}")
 
 

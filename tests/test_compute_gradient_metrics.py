@@ -170,6 +170,7 @@ def test_plot_writes_histogram_and_roc_figures(roots, capsys):
     rows = json.loads((folder / "LSUN.json").read_text())["rows"]
     layers = sorted((r for r in rows if r["kind"] == "layer"), key=lambda r: r["AUROC"])
     pngs = {folder / f"LSUN_{name}.png" for name in ("total", layers[-1]["row"], layers[0]["row"])}
+    pngs.add(folder / "layers.png")  # each layer's AUROC against its depth
     assert set(folder.glob("*.png")) == pngs
     out = capsys.readouterr().out
     for png in pngs:

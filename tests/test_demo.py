@@ -65,6 +65,13 @@ def test_gradient_norms_tell_in_from_out_distribution(demo):
         assert max(abs(auroc - 50) for auroc in aurocs) > 10, (name, aurocs)
 
 
+def test_comparison_has_every_tracked_detector_and_the_baselines(demo):
+    for name, detectors in (("energy", {"min", "max", "pred", "gradnorm", "exgrad"}), ("bce", {"original"})):
+        compared = json.loads((demo / "results" / "digits" / name / "compare" / "comparison.json").read_text())
+        assert {row["name"] for row in compared["rows"]} == detectors | {"MSP", "Energy"}
+        assert compared["datasets"] == [*OOD_SETS, "average"]
+
+
 def test_tables_are_printed(demo):
     stdout = (demo / "stdout.txt").read_text()
     assert stdout.count("vs the average over 3 OOD sets") == 2

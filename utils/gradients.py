@@ -23,6 +23,7 @@ containers and numpy arrays, so a file from elsewhere cannot run code.
 """
 import io
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,15 @@ def load_gradients(path: str | Path) -> dict:
     except Exception as error:  # a corrupt or foreign pickle fails in many ways (Overflow-, Memory-, LookupError …)
         raise GradientFileError(f"{path} is not a readable gradients file: {error}") from None
     return check_record(record, str(path))
+
+
+TRAINING_SPLIT = "train"  # ``train.pkl``: the in-distribution training split (for fitting), never an OOD set
+_SHARD_PART = re.compile(r"\.shard\d+of\d+$")  # ``<dataset>.shard<I>of<N>.pkl``: a part not merged yet
+
+
+def ood_dataset_names(folder: str | Path, in_dataset: str) -> list[str]:
+    """The OOD sets whose files are in a detector's ``folder``, alphabetical: every ``<dataset>.pkl`` but the
+    ID test set (``<in-dataset>.pkl``), the ID training split (``train.pkl``) and unmerged shard parts."""
+    stems = (path.stem for path in Path(folder).glob("*.pkl"))
+    return sorted((s for s in stems if s not in (in_dataset, TRAINING_SPLIT) and not _SHARD_PART.search(s)),
+                  key=str.lower)

@@ -14,7 +14,10 @@ analysis. ``flip`` inverts any of them. The output-based baselines are MSP (high
 import csv
 import io
 import json
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -24,14 +27,19 @@ from utils.detectors import CONFOUNDING, TRACK_GRADIENT_SCORES, Detector, get_de
 from utils.io import atomic_write
 
 METRICS = ("FPR95", "AUROC", "AUPR_IN", "AUPR_OUT")
-CSV_COLUMNS = ("ood_dataset", "row", "kind", "score", *METRICS, "id_mean", "id_std", "ood_mean", "ood_std")
+OOD_POSITIVE_FPR = "FPR95_OOD_POS"  # OpenOOD's and OE's FPR95, OOD the positive class (``--ood-positive``)
+METRIC_TITLES = {"FPR95": "FPR95", "AUROC": "AUROC", "AUPR_IN": "AUPR-In", "AUPR_OUT": "AUPR-Out",
+                 OOD_POSITIVE_FPR: "FPR95 (OOD+)"}
+RAW_STATISTICS = ("id_mean", "id_std", "ood_mean", "ood_std")
+PROTOCOLS = ("full", "energy_ood")  # every OOD sample once; energy_ood's and OE's 10 draws of a fifth
 SAVED_FORMS = {"norm_single": "norm", "original_single": "original"}  # --saved_form → the file's "method"
 BASELINES = {"MSP": ("msp", +1), "Energy": ("energy", -1)}  # row → (record key, sign making higher = ID)
+RAW_VALUES_CONVENTION = "Mean ± std: of the raw values (gradient norm; MSP; energy E(x) = -logsumexp f(x))."
 CONVENTIONS = ("ID is the positive class; a higher score means more in-distribution. Metrics in %.",
                "FPR95: the FPR (OOD accepted) at the highest threshold keeping >= 95% of ID, over all distinct "
                "thresholds.",
                "AUROC. AUPR-In: ID positive. AUPR-Out: OOD positive, score negated.",
-               "Mean ± std: of the raw values (gradient norm; MSP; energy E(x) = -logsumexp f(x)).",
+               RAW_VALUES_CONVENTION,
                "combined: -Mahalanobis distance of the log per-layer norms from a Gaussian fit on ID training "
                "images only (--dataset train).",
                "Baselines: score = MSP and -E(x) = logsumexp f(x); --flip applies to neither them nor combined.")
@@ -89,6 +97,108 @@ def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
             "AUPR_OUT": float(average_precision_score(1 - labels, -scores))}
 
 
+def fpr95_ood_positive(id_scores, ood_scores) -> float:
+    """FPR95 with **OOD as the positive class** (OpenOOD's and Outlier Exposure's convention): the fraction of
+    ID samples flagged as OOD at the highest threshold on the negated score that detects ≥ 95% of OOD."""
+    return fpr_at_tpr(-np.asarray(ood_scores, np.float64), -np.asarray(id_scores, np.float64))[0]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How each OOD set is evaluated against the ID test set.
+
+    * ``full`` (the default): every ID and every OOD sample, once.
+    * ``energy_ood``: as energy_ood's and Outlier Exposure's ``test.py``: ``draws`` random subsets of each
+      OOD set, each of ``num_id // 5`` samples (2,000 against CIFAR's 10,000 test images; all of a smaller
+      set) drawn without replacement, against the whole ID set every time. A metric is the mean over the
+      draws, with the population standard deviation (``np.std``, as their ``print_measures_with_std``).
+      The draws of an OOD set come from a numpy Generator seeded with (``seed``, the set's name): the same
+      for every row, detector and baseline, and independent of which other sets are evaluated.
+
+    ``ood_positive`` adds the OOD-positive FPR95 (``fpr95_ood_positive``) as its own metric.
+    """
+    name: str = "full"
+    seed: int = 1
+    draws: int = 10
+    ood_positive: bool = False
+
+    def __post_init__(self):
+        if self.name not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.name!r}; known: {', '.join(PROTOCOLS)}")
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (*METRICS, OOD_POSITIVE_FPR) if self.ood_positive else METRICS
+
+    @property
+    def drawn(self) -> bool:
+        return self.name != "full"
+
+    def subset_size(self, num_id: int, num_ood: int) -> int:
+        """OOD samples per draw: a fifth of the ID set, or every OOD sample when there are fewer."""
+        return min(max(num_id // 5, 1), num_ood)
+
+    def subsets(self, num_id: int, num_ood: int, dataset: str) -> list[np.ndarray] | None:
+        """The sorted OOD sample indices of each draw; None under ``full`` (every sample, once)."""
+        if not self.drawn:
+            return None
+        rng = np.random.default_rng([self.seed, zlib.crc32(dataset.encode())])
+        size = self.subset_size(num_id, num_ood)
+        return [np.sort(rng.choice(num_ood, size, replace=False)) for _ in range(self.draws)]
+
+    def evaluate(self, id_scores, ood_scores, subsets: list[np.ndarray] | None) -> dict:
+        """The metrics in %; over draws, each one's mean, ``<metric>_std`` and every draw's value (``draws``)."""
+        id_scores, ood_scores = np.asarray(id_scores, np.float64), np.asarray(ood_scores, np.float64)
+        runs = [self._metrics(id_scores, ood_scores if idx is None else ood_scores[idx])
+                for idx in subsets or [None]]
+        values = {m: 100 * np.array([run[m] for run in runs]) for m in self.metrics}
+        result = {m: float(v.mean()) for m, v in values.items()}
+        if subsets is not None:
+            result.update({f"{m}_std": float(v.std()) for m, v in values.items()})
+            result["draws"] = {m: v.tolist() for m, v in values.items()}
+        return result
+
+    def _metrics(self, id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:
+        metrics = ood_metrics(id_scores, ood_scores)
+        if self.ood_positive:
+            metrics[OOD_POSITIVE_FPR] = fpr95_ood_positive(id_scores, ood_scores)
+        return metrics
+
+    def describe(self, num_id: int, num_ood: int) -> dict:
+        """The protocol as the JSON tables record it."""
+        if not self.drawn:
+            return {"name": self.name, "ood_positive": self.ood_positive}
+        return {"name": self.name, "ood_positive": self.ood_positive, "draws": self.draws, "seed": self.seed,
+                "ood_per_draw": self.subset_size(num_id, num_ood), "std": "population (ddof=0)"}
+
+    def conventions(self) -> tuple[str, ...]:
+        """The lines printed under ``CONVENTIONS`` for this protocol."""
+        lines = ()
+        if self.drawn:
+            lines += (f"Protocol {self.name} (as energy_ood's and OE's test.py): {self.draws} draws (seed "
+                      f"{self.seed}), each a random fifth of the ID set's size from every OOD set, without "
+                      "replacement, against the whole ID set; metrics are mean ± population std over the draws.",)
+        if self.ood_positive:
+            lines += ("FPR95 (OOD+): OOD positive, as OpenOOD and OE: the fraction of ID flagged as OOD when 95% "
+                      "of OOD is detected.",)
+        return lines
+
+
+FULL = Protocol()
+
+
+def metric_cell(row: dict, metric: str) -> str:
+    """A metric as printed: ``12.34``, or `` 12.34 ±  0.56`` where it is a mean over draws (padded, so that a
+    right-aligned column lines up on the ±)."""
+    std = row.get(f"{metric}_std")
+    return f"{row[metric]:.2f}" if std is None else f"{row[metric]:6.2f} ± {std:5.2f}"
+
+
+def metric_columns(protocol: Protocol) -> list[str]:
+    """The CSV columns of the metrics: each one, then its std over draws where there are draws."""
+    return [*protocol.metrics, *([f"{m}_std" for m in protocol.metrics] if protocol.drawn else [])]
+
+
 def detector_of(saved_form: str, score: str | None) -> Detector:
     """The detector a ``--saved_form``/``--score`` pair names: ``norm_single`` with one of
     ``track_gradient.py``'s scores, or ``original_single`` (the confounding label) with none."""
@@ -131,55 +241,81 @@ def baseline_scores(record: dict) -> dict[str, np.ndarray]:
     return {row: sign * np.asarray(record[key], dtype=np.float64) for row, (key, sign) in BASELINES.items()}
 
 
-def _row(name: str, kind: str, score: str, id_values, ood_values, sign: int) -> dict:
+def _row(name: str, kind: str, score: str, id_values, ood_values, sign: int, protocol: Protocol,
+         subsets: list[np.ndarray] | None) -> dict:
     id_values, ood_values = np.asarray(id_values, np.float64), np.asarray(ood_values, np.float64)
-    metrics = ood_metrics(sign * id_values, sign * ood_values)
-    return {"row": name, "kind": kind, "score": score, **{k: 100 * v for k, v in metrics.items()},
+    metrics = protocol.evaluate(sign * id_values, sign * ood_values, subsets)
+    return {"row": name, "kind": kind, "score": score, **metrics,
             "id_mean": float(id_values.mean()), "id_std": float(id_values.std()),
             "ood_mean": float(ood_values.mean()), "ood_std": float(ood_values.std())}
 
 
 def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: str | None,
-                    flip: bool = False, combined: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                    flip: bool = False, combined: tuple[np.ndarray, np.ndarray] | None = None,
+                    protocol: Protocol = FULL, only: Sequence[str] | None = None) -> dict:
     """Metrics (in %) of every layer, ``total``, the detector's extra rows, the ``combined`` row (when
     ``combined`` gives the ID and OOD Mahalanobis distances of ``utils.combine``) and the MSP / Energy
     baselines for one ID–OOD pair.
 
     Each row also holds the mean and (population) standard deviation of the raw values: gradient norms,
-    distances, MSP, and the stored energy E(x). ``flip`` applies to the gradient rows only.
+    distances, MSP, and the stored energy E(x). ``flip`` applies to the gradient rows only. ``protocol`` says
+    which OOD samples count (every row of the table uses the same draws); ``only`` limits the gradient rows to
+    those named.
     """
     sign = score_sign(saved_form, score, flip)
     gradient_label = "+norm" if sign > 0 else "-norm"
     id_rows, ood_rows = gradient_rows(id_record), gradient_rows(ood_record)
-    rows = [_row(name, _row_kind(id_record, name), gradient_label, id_rows[name], ood_rows[name], sign)
-            for name in id_rows]
+    num_id, num_ood = id_record["num_samples"], ood_record["num_samples"]
+    subsets = protocol.subsets(num_id, num_ood, ood_record["dataset"])
+    rows = [_row(name, _row_kind(id_record, name), gradient_label, id_rows[name], ood_rows[name], sign, protocol,
+                 subsets)
+            for name in id_rows if only is None or name in only]
     if combined is not None:
-        rows.append(_row(COMBINED_ROW, "combined", "-distance", *combined, -1))
-    rows += [_row(name, "baseline", ("-" if b_sign < 0 else "") + key, id_record[key], ood_record[key], b_sign)
+        rows.append(_row(COMBINED_ROW, "combined", "-distance", *combined, -1, protocol, subsets))
+    rows += [_row(name, "baseline", ("-" if b_sign < 0 else "") + key, id_record[key], ood_record[key], b_sign,
+                  protocol, subsets)
              for name, (key, b_sign) in BASELINES.items()]
     headline = detector_of(saved_form, score).headline_row(list(id_record["layers"]))
     return {"in_dataset": id_record["dataset"], "ood_dataset": ood_record["dataset"], "model": id_record["model"],
             "saved_form": saved_form, "score": score, "flip": flip, "gradient_score": gradient_label,
-            "norm": id_record.get("norm", "L2"), "headline": headline,
-            "num_id": id_record["num_samples"], "num_ood": ood_record["num_samples"],
-            "metrics_in": "percent", "conventions": CONVENTIONS, "rows": rows}
+            "norm": id_record.get("norm", "L2"), "headline": headline, "num_id": num_id, "num_ood": num_ood,
+            "protocol": protocol.describe(num_id, num_ood), "metrics_in": "percent",
+            "conventions": CONVENTIONS + protocol.conventions(), "rows": rows}
+
+
+def table_protocol(table: dict) -> Protocol:
+    """The protocol a table was made with (tables without one: ``full``)."""
+    described = table.get("protocol", {})
+    return Protocol(**{k: described[k] for k in ("name", "seed", "draws", "ood_positive") if k in described})
+
+
+def _average_metrics(per_set: Sequence[dict], metrics: Sequence[str]) -> dict:
+    """The unweighted mean over OOD sets of each metric; over draws, the mean and std of each draw's average
+    (draw i of every set together)."""
+    if "draws" not in per_set[0]:
+        return {m: float(np.mean([r[m] for r in per_set])) for m in metrics}
+    averages = {m: np.mean([r["draws"][m] for r in per_set], axis=0) for m in metrics}
+    return {**{m: float(v.mean()) for m, v in averages.items()},
+            **{f"{m}_std": float(v.std()) for m, v in averages.items()},
+            "draws": {m: v.tolist() for m, v in averages.items()}}
 
 
 def average_table(tables: list[dict]) -> dict:
     """The unweighted mean of each metric over OOD sets; the OOD mean ± std pool all their samples."""
     n = np.array([t["num_ood"] for t in tables], dtype=np.float64)
+    metrics = table_protocol(tables[0]).metrics
     rows = []
     for per_set in zip(*(t["rows"] for t in tables)):
         row = {k: per_set[0][k] for k in ("row", "kind", "score", "id_mean", "id_std")}
-        row.update({m: float(np.mean([r[m] for r in per_set])) for m in METRICS})
+        row.update(_average_metrics(per_set, metrics))
         means = np.array([r["ood_mean"] for r in per_set])
         second_moments = np.array([r["ood_std"] ** 2 + r["ood_mean"] ** 2 for r in per_set])
         row["ood_mean"] = float(n @ means / n.sum())
         row["ood_std"] = float(np.sqrt(max(n @ second_moments / n.sum() - row["ood_mean"] ** 2, 0.0)))
         rows.append(row)
-    return {**{k: v for k, v in tables[0].items() if k not in ("ood_dataset", "num_ood", "rows")},
+    return {**{k: v for k, v in tables[0].items() if k not in ("ood_dataset", "num_ood", "protocol", "rows")},
             "ood_dataset": "average", "datasets": [t["ood_dataset"] for t in tables], "num_ood": int(n.sum()),
-            "rows": rows}
+            "protocol": {k: v for k, v in tables[0].get("protocol", {}).items() if k != "ood_per_draw"}, "rows": rows}
 
 
 def best_and_worst_layers(table: dict) -> tuple[str, str]:
@@ -204,10 +340,15 @@ def format_table(table: dict) -> str:
         header.append(f"Average: metrics are the unweighted mean over the OOD sets; OOD mean ± std pools their "
                       f"{table['num_ood']} samples.")
 
+    if "ood_per_draw" in table.get("protocol", {}):
+        ood_per_draw = table["protocol"]["ood_per_draw"]
+        header.append(f"{ood_per_draw} of the {table['num_ood']} OOD samples per draw"
+                      + (" (all of them: the set is smaller than a fifth of the ID set)."
+                         if ood_per_draw == table["num_ood"] else "."))
+
     rows = table["rows"]
     columns = [["layer", *(r["row"] for r in rows)]]
-    columns += [[title, *(f"{r[m]:.2f}" for r in rows)]
-                for title, m in zip(("FPR95", "AUROC", "AUPR-In", "AUPR-Out"), METRICS)]
+    columns += [[METRIC_TITLES[m], *(metric_cell(r, m) for r in rows)] for m in table_protocol(table).metrics]
     for side in ("ID", "OOD"):  # "mean ± std" cells aligned on the ±
         means = [f"{side} mean", *(f"{r[f'{side.lower()}_mean']:.4g}" for r in rows)]
         stds = ["std", *(f"{r[f'{side.lower()}_std']:.3g}" for r in rows)]
@@ -230,12 +371,19 @@ def format_table(table: dict) -> str:
 
 def write_table(table: dict, stem: str | Path) -> list[Path]:
     """Write ``<stem>.json`` (the whole table) and ``<stem>.csv`` (one line a row) atomically; return the paths."""
+    columns = ["ood_dataset", "row", "kind", "score", *metric_columns(table_protocol(table)), *RAW_STATISTICS]
+    return write_json_and_csv(table, ({**row, "ood_dataset": table["ood_dataset"]} for row in table["rows"]),
+                              columns, stem)
+
+
+def write_json_and_csv(table: dict, csv_rows: Iterable[dict], columns: Sequence[str], stem: str | Path) -> list[Path]:
+    """Write ``table`` as ``<stem>.json`` and ``csv_rows`` (their ``columns``) as ``<stem>.csv``, atomically."""
     json_path, csv_path = Path(f"{stem}.json"), Path(f"{stem}.csv")
     text = json.dumps(table, indent=2, ensure_ascii=False, default=str) + "\n"
     atomic_write(json_path, lambda f: f.write(text.encode()))
     rows = io.StringIO()
-    writer = csv.DictWriter(rows, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(rows, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows({**row, "ood_dataset": table["ood_dataset"]} for row in table["rows"])
+    writer.writerows(csv_rows)
     atomic_write(csv_path, lambda f: f.write(rows.getvalue().encode()))
     return [json_path, csv_path]

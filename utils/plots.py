@@ -86,3 +86,65 @@ def plot_detection(path: str | Path, id_values, ood_values, sign: int, metrics: 
     path = Path(path)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=130))
     return path
+
+
+REFERENCE_STYLES = {"total": ("tab:red", "-"), "MSP": ("0.45", "--"), "Energy": ("0.45", ":")}  # extra rows: -.
+
+
+def plot_layer_auroc(path: str | Path, tables: list[dict], *, title: str) -> Path:
+    """Save a PNG of where in the network the signal lives: each tracked layer's AUROC against its depth.
+
+    ``tables`` are one detector's detection tables (every row, metrics in %), one per OOD set, then their
+    average if there are several: one line each, the last one (the average, or the only set) thick. Its
+    rows that are no layer (``total``, extra rows, the MSP / Energy baselines) are horizontal references,
+    the detector's headline layer is starred, and a mean over draws shows its ± std as a band.
+    """
+    reference = tables[-1]
+    layers = [r["row"] for r in reference["rows"] if r["kind"] == "layer"]
+    depth = np.arange(len(layers))
+    fig = Figure(figsize=(max(8.0, 3.5 + 0.32 * len(layers)), 5.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    colors = iter(("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+                   "tab:olive", "tab:cyan"))
+    lowest = 100.0
+    for table in tables:
+        rows = {r["row"]: r for r in table["rows"]}
+        auroc = np.array([rows[name]["AUROC"] for name in layers])
+        lowest = min(lowest, auroc.min())
+        thick = table is reference and len(tables) > 1
+        color = "k" if thick else next(colors)
+        label = (f"average over {len(table['datasets'])} OOD sets" if "datasets" in table
+                 else f"{table['ood_dataset']} (n={table['num_ood']})")
+        drawn = "AUROC_std" in rows[layers[0]]
+        ax.plot(depth, auroc, marker="o", markersize=3.5 if thick else 3, linewidth=2.4 if thick else 1.2,
+                color=color, label=label + (" (band: ± std over draws)" if drawn and thick else ""),
+                zorder=3 if thick else 2)
+        if drawn:
+            std = np.array([rows[name]["AUROC_std"] for name in layers])
+            ax.fill_between(depth, auroc - std, auroc + std, color=color, alpha=0.15, linewidth=0)
+    where = "average" if len(tables) > 1 else reference["ood_dataset"]
+    for row in (r for r in reference["rows"] if r["kind"] != "layer"):
+        color, style = REFERENCE_STYLES.get(row["row"], ("tab:purple", "-."))
+        headline = ", headline row" if row["row"] == reference["headline"] else ""
+        ax.axhline(row["AUROC"], color=color, linestyle=style, linewidth=1.1,
+                   label=f"{row['row']} ({where}{headline}): {row['AUROC']:.1f}%")
+        lowest = min(lowest, row["AUROC"])
+    if reference["headline"] in layers:
+        headline = next(r for r in reference["rows"] if r["row"] == reference["headline"])
+        ax.plot([layers.index(reference["headline"])], [headline["AUROC"]], "*", color="gold", markersize=15,
+                markeredgecolor="k", zorder=4, label=f"headline row: {reference['headline']}")
+    if lowest < 60:
+        ax.axhline(50, color="0.8", linewidth=1, zorder=1, label="chance (50%)")
+    ax.set_xticks(depth, [name.removesuffix(".weight") for name in layers], rotation=60, ha="right",
+                  rotation_mode="anchor", fontsize="small")
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    ax.set_xlabel("tracked weight tensor, input to output (names without .weight)")
+    ax.set_ylabel("AUROC (%), ID positive")
+    ax.grid(axis="y", color="0.9")
+    fig.suptitle(title)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+
+    path = Path(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=130))
+    return path

@@ -1,0 +1,107 @@
+"""One table of every tracked detector beside the baselines: which detector wins on which OOD set.
+
+``comparison_table`` takes each detector's detection tables (``utils.metrics.detection_table``, one per OOD
+set) and keeps one row per detector, its headline score (``Detector.headline_row``: ``total``, the last
+layer or an extra row such as ExGrad's ``fc.weight:L1``), its ``combined`` row where the tables have one
+(``utils.combine``: fit on training images only), and the output-based baselines (MSP, Energy) once,
+from the first detector's files (every file stores them for the same samples). Its cells are the per-set
+tables' numbers, unchanged; the average column is ``average_table``'s. Rows are sorted by average AUROC.
+"""
+from pathlib import Path
+
+from utils.combine import COMBINED_ROW
+from utils.detectors import DETECTORS, Detector
+from utils.metrics import (BASELINES, METRIC_TITLES, OOD_POSITIVE_FPR, RAW_VALUES_CONVENTION, average_table,
+                           metric_cell, metric_columns, table_protocol, write_json_and_csv)
+
+SHOWN = ("FPR95", "AUROC")  # printed per OOD set (and FPR95 (OOD+) where asked); the CSV/JSON hold every metric
+CSV_KEYS = ("name", "kind", "row", "score", "ood_dataset")
+
+
+def tracked_detectors(model_folder: str | Path) -> list[Detector]:
+    """The detectors tracked for a model: the subfolders of ``gradients/<in-dataset>/<name>/`` named after
+    one (the confounding label's is ``original``), in ``DETECTORS`` order; other folders are ignored."""
+    return [detector for name, detector in DETECTORS.items() if (Path(model_folder) / name).is_dir()]
+
+
+def saved_form_of(detector: Detector) -> tuple[str, str | None]:
+    """The ``--saved_form`` and ``--score`` that name ``detector`` in the per-layer tables."""
+    return ("original_single", None) if detector.method == "original" else ("norm_single", detector.name)
+
+
+def _entry(name: str, kind: str, row: str, tables: list[dict]) -> dict:
+    """One row of the comparison: ``row`` of each table, its metrics by OOD set (and ``average``)."""
+    keys = metric_columns(table_protocol(tables[0]))
+    found = [next(r for r in table["rows"] if r["row"] == row) for table in tables]
+    return {"name": name, "kind": kind, "row": row, "row_kind": found[0]["kind"], "score": found[0]["score"],
+            "results": {table["ood_dataset"]: {k: r[k] for k in keys} for table, r in zip(tables, found)}}
+
+
+def comparison_table(tables: dict[str, list[dict]]) -> dict:
+    """Each detector's headline row and the baselines, per OOD set and their average, best average AUROC first.
+
+    ``tables`` maps a detector's name to its detection tables, one per OOD set, the sets in the same order
+    for every detector; each table holds at least the detector's headline row and the baselines."""
+    columns = {name: per_set + [average_table(per_set)] if len(per_set) > 1 else per_set
+               for name, per_set in tables.items()}
+    source = next(iter(tables))
+    first, last = tables[source][0], columns[source][-1]["ood_dataset"]
+    entries = [_entry(name, "detector", per_set[0]["headline"], per_set) for name, per_set in columns.items()]
+    entries += [_entry(name, "combined", COMBINED_ROW, per_set) for name, per_set in columns.items()
+                if any(row["row"] == COMBINED_ROW for row in per_set[0]["rows"])]
+    entries += [_entry(name, "baseline", name, columns[source]) for name in BASELINES]
+    entries.sort(key=lambda entry: -entry["results"][last]["AUROC"])
+    norms = {name: per_set[0]["norm"] for name, per_set in tables.items()}
+    return {"in_dataset": first["in_dataset"], "model": first["model"], "flip": first["flip"],
+            "num_id": first["num_id"], "datasets": [t["ood_dataset"] for t in columns[source]],
+            "num_ood": {t["ood_dataset"]: t["num_ood"] for t in tables[source]},
+            "protocol": {k: v for k, v in first["protocol"].items() if k != "ood_per_draw"},
+            "ood_per_draw": {t["ood_dataset"]: t["protocol"]["ood_per_draw"] for t in tables[source]
+                             if "ood_per_draw" in t["protocol"]},
+            "norms": norms, "baselines_from": source, "sorted_by": f"AUROC ({last})", "metrics_in": "percent",
+            "conventions": (*(line for line in first["conventions"] if line != RAW_VALUES_CONVENTION),
+                            "Each detector by its headline row (its paper's score); --flip applies to them only.",
+                            f"MSP and Energy from the files of detector {source} (every file stores them for "
+                            "the same samples)."),
+            "rows": entries}
+
+
+def _label(entry: dict, norms: dict[str, str]) -> str:
+    if entry["kind"] == "baseline":
+        return f"{entry['name']} ({entry['score']})"
+    norm = "" if entry["row_kind"] in ("extra", "combined") else f" {norms[entry['name']]}"  # extra: in its name
+    return f"{entry['name']}: {entry['row']} ({entry['score']}{norm})"
+
+
+def format_comparison(table: dict) -> str:
+    """The comparison as aligned text: a header with the data and conventions, one column group per OOD set."""
+    model = table["model"]
+    metrics = [*SHOWN, *([OOD_POSITIVE_FPR] if table["protocol"]["ood_positive"] else [])]
+    sets = ", ".join(f"{d} ({n})" for d, n in table["num_ood"].items())
+    header = [f"== {table['in_dataset']} (ID, {table['num_id']} samples) vs {sets}: every tracked detector ==",
+              f"Model {model['name']} ({model['arch']}, {model['num_classes']} classes, epoch {model['epoch']}). "
+              f"Sorted by {table['sorted_by']}.", *table["conventions"]]
+    if table["ood_per_draw"]:
+        header.append("OOD samples per draw: " + ", ".join(
+            f"{d} {n}" + (" (all: fewer than a fifth of the ID set)" if n == table["num_ood"][d] else "")
+            for d, n in table["ood_per_draw"].items()) + ".")
+    if table["flip"]:
+        header.append("Gradient scores flipped (--flip).")
+
+    columns = [["detector: headline row (score)", *(_label(e, table["norms"]) for e in table["rows"])]]
+    columns += [[METRIC_TITLES[m], *(metric_cell(e["results"][dataset], m) for e in table["rows"])]
+                for dataset in table["datasets"] for m in metrics]
+    widths = [max(map(len, column)) for column in columns]
+    lines = ["  ".join([cells[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))]).rstrip()
+             for cells in zip(*columns)]
+    group = len(metrics)
+    spans = [sum(widths[1 + k * group:1 + (k + 1) * group]) + 2 * (group - 1) for k in range(len(table["datasets"]))]
+    titles = "  ".join([" " * widths[0], *(d.center(span) for d, span in zip(table["datasets"], spans))]).rstrip()
+    return "\n".join([*header, "", titles, *lines])
+
+
+def write_comparison(table: dict, stem: str | Path) -> list[Path]:
+    """``<stem>.json`` (the whole table) and ``<stem>.csv`` (one line per row and OOD set, every metric)."""
+    rows = ({**{k: entry[k] for k in CSV_KEYS[:-1]}, "ood_dataset": dataset, **metrics}
+            for entry in table["rows"] for dataset, metrics in entry["results"].items())
+    return write_json_and_csv(table, rows, [*CSV_KEYS, *metric_columns(table_protocol(table))], stem)
