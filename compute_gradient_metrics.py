@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils import cli
 from utils.combine import SHRINKAGE, GaussianFit, combined_score, fit_gaussian
 from utils.compare import comparison_table, format_comparison, saved_form_of, tracked_detectors, write_comparison
 from utils.data import check_dataset_name
@@ -39,19 +40,18 @@ from utils.plots import plot_detection, plot_layer_auroc
 from utils.runtime import run_script
 from utils.tracking import TRAIN_SPLIT
 
-DEFAULT_IN_DATASET = "CIFAR-10"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     parser.add_argument("--name", required=True, help="model name, as given to train_*.py and track_*.py")
     parser.add_argument("--saved_form", "--saved-form", choices=SAVED_FORMS,
                         help="norm_single: track_gradient.py's files; original_single: track_gradient_original.py's "
                              "(required without --compare)")
     parser.add_argument("--score", choices=TRACK_GRADIENT_SCORES,
                         help="the detector tracked by track_gradient.py (norm_single only, where it is required)")
-    parser.add_argument("--dataset", default="all", help="OOD set, or 'all' for every tracked one (default: all)")
-    parser.add_argument("--in-dataset", default=DEFAULT_IN_DATASET, help=f"default: {DEFAULT_IN_DATASET}")
+    parser.add_argument("--dataset", default="all", help="OOD set, or 'all' for every tracked one")
+    cli.add_in_dataset(parser)
     parser.add_argument("--compare", action="store_true",
                         help="one table of every detector tracked for the model (its headline score) and the "
                              "MSP / Energy baselines, per OOD set and their average")
@@ -59,20 +59,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--combine", choices=(*SHRINKAGE, "none"), default="ledoitwolf",
                         help="the 'combined' row: a Gaussian on the log per-layer norms of the in-distribution "
                              "training images (track with --dataset train), covariance shrunk by this estimator; "
-                             "skipped with a note when that file is missing (default: %(default)s)")
+                             "skipped with a note when that file is missing")
     parser.add_argument("--plot", action="store_true",
                         help="save each tracked layer's AUROC against its depth (with --compare: per detector) and, "
                              "without --compare, ID-vs-OOD histograms and ROC curves of total and the best and "
                              "worst layer")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="full",
-                        help="full: every sample of each OOD set (default); energy_ood: as energy_ood's and OE's "
+                        help="full: every sample of each OOD set; energy_ood: as energy_ood's and OE's "
                              "test.py, 10 random subsets of each OOD set of a fifth of the ID set's size, mean ± std")
-    parser.add_argument("--seed", type=int, default=1, help="the seed of --protocol=energy_ood's draws (default: 1)")
+    parser.add_argument("--seed", type=int, default=1, help="the seed of --protocol=energy_ood's draws")
     parser.add_argument("--ood-positive", action="store_true",
                         help="add FPR95 (OOD+): OOD the positive class, as OpenOOD and OE report it")
     parser.add_argument("--gpu", help="accepted for symmetry with the other scripts; metrics run on the CPU")
-    parser.add_argument("--gradient-root", default=GRADIENT_ROOT, help=f"default: {GRADIENT_ROOT}")
-    parser.add_argument("--results-root", default="results", help="default: results")
+    cli.add_roots(parser, "gradient", "results")
     args = parser.parse_args(argv)
     if args.compare:
         if args.saved_form or args.score:
@@ -97,7 +96,7 @@ def track_command(args: argparse.Namespace, dataset: str) -> str:
     command = ("python track_gradient_original.py" if args.saved_form == "original_single"
                else "python track_gradient.py")
     command += f" --name={args.name} --dataset={dataset}" + (f" --score={args.score}" if args.score else "")
-    if args.in_dataset != DEFAULT_IN_DATASET:
+    if args.in_dataset != cli.DEFAULT_IN_DATASET:
         command += f" --in-dataset={args.in_dataset}"
     if args.gradient_root != GRADIENT_ROOT:
         command += f" --gradient-root={args.gradient_root}"

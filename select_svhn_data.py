@@ -6,12 +6,12 @@ reads ``<data root>/ood_datasets/svhn/test_32x32.mat`` (from http://ufldl.stanfo
 and writes ``selected_test_32x32.mat`` beside it with the same ``X``/``y`` layout, as ATOM's
 ``select_svhn_data.py`` does (label 10 is the digit 0 and stays 10).
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
 import scipy.io
 
+from utils import cli
 from utils.data.common import not_found
 from utils.data.svhn import SELECTED_FILE, SVHN_URL, TEST_FILE, read_mat, select_per_class
 from utils.io import atomic_write
@@ -19,9 +19,9 @@ from utils.runtime import run_script
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default="datasets", help="data root (default: datasets)")
-    parser.add_argument("--per-class", type=int, default=1000, help="images kept per digit (default: 1000)")
+    parser = cli.parser(__doc__)
+    cli.add_roots(parser, "data")
+    parser.add_argument("--per-class", type=int, default=1000, help="images kept per digit")
     args = parser.parse_args(argv)
     if args.per_class < 1:
         parser.error("--per-class must be positive")

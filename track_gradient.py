@@ -12,14 +12,12 @@ its file is missing.
     python track_gradient.py --name=resnet --dataset=all --score=all
     for i in 0 1 2 3; do python track_gradient.py --name=resnet --dataset=LSUN --shard=$i/4 --gpu=$i & done; wait
 """
-import argparse
-
-from utils import tracking
+from utils import cli, tracking
 from utils.runtime import run_script
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     tracking.add_arguments(parser, with_score=True)
     args = parser.parse_args(argv)
     tracking.main(args)

@@ -6,14 +6,12 @@ no single label is chosen). The in-distribution test set is tracked first if its
 
     python track_gradient_original.py --name=resnet_bce --dataset=LSUN --gpu=0
 """
-import argparse
-
-from utils import tracking
+from utils import cli, tracking
 from utils.runtime import run_script
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     tracking.add_arguments(parser, with_score=False)
     tracking.main(parser.parse_args(argv))
 

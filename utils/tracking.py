@@ -23,14 +23,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from models import ARCHS
-from utils.checkpoints import CHECKPOINT_ROOT, load_model
+from utils import cli
+from utils.checkpoints import load_model
 from utils.data import IN_DATASETS, OOD_DATASETS, check_dataset_name, dataset_available, get_dataset
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
 from utils.energy import energy_score
 from utils.errors import UserError
-from utils.gradients import (CHECKPOINT_HASH_KEY, GRADIENT_ROOT, MODEL_KEYS, GradientFileError, concatenate_records,
+from utils.gradients import (CHECKPOINT_HASH_KEY, MODEL_KEYS, GradientFileError, concatenate_records,
                              gradient_path, load_gradients, new_record, save_gradients)
-from utils.runtime import default_workers, get_device, loader_workers, progress
+from utils.runtime import get_device, loader_workers, progress
 
 TRAIN_SPLIT = "train"  # --dataset train: the in-distribution training split, the combined detector's fit data
 DEFAULT_TRAIN_SAMPLES = 5_000
@@ -51,30 +52,23 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                             help="the detector: min/max/pred keep the smallest, largest or predicted label's of "
                                  "the K cross-entropy gradients; gradnorm (L1, Huang et al. 2021); exgrad (their "
                                  "expectation under the prediction, Igoe et al. 2022); all: every one of them "
-                                 "from one pass, one file each (default: %(default)s)")
-        parser.add_argument("--temperature", type=float, default=1.0,
-                            help="GradNorm's temperature T (default: %(default)s, as in the paper)")
-    parser.add_argument("--in-dataset", default="CIFAR-10", choices=IN_DATASETS, help="(default: %(default)s)")
+                                 "from one pass, one file each")
+        parser.add_argument("--temperature", type=float, default=1.0, help="GradNorm's temperature T, 1 in the paper")
+    cli.add_in_dataset(parser)
     parser.add_argument("--epoch", type=int, help="the checkpoint's epoch (default: the last)")
     parser.add_argument("--model-arch", choices=ARCHS,
                         help="the architecture expected; an error if the checkpoint holds another")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="gradients back-propagated at once, which bounds memory: an image costs K of them "
                              "for min/max/exgrad (one per class), one for pred/gradnorm/the confounding label, "
-                             "K + 2 for --score=all (default: %(default)s)")
+                             "K + 2 for --score=all")
     parser.add_argument("--limit", type=int, metavar="N",
                         help=f"track only the first N samples of each set (--dataset {TRAIN_SPLIT}: N random images)")
     parser.add_argument("--shard", metavar="I/N", type=_shard,
                         help="track only the I-th of N parts of each set (0 <= I < N); the last part to finish "
                              "merges them")
-    parser.add_argument("--data-root", default="datasets", help="(default: %(default)s)")
-    parser.add_argument("--checkpoint-root", default=CHECKPOINT_ROOT, help="(default: %(default)s)")
-    parser.add_argument("--gradient-root", default=GRADIENT_ROOT, help="(default: %(default)s)")
-    parser.add_argument("--gpu", default="0",
-                        help="CUDA device; the CPU, with a warning, when CUDA is absent; -1 for the CPU "
-                             "(default: %(default)s)")
-    parser.add_argument("--workers", type=int,
-                        help=f"data-loading processes (default: {default_workers()} on CUDA, 0 on the CPU)")
+    cli.add_roots(parser, "data", "checkpoint", "gradient")
+    cli.add_device(parser)
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -1,0 +1,44 @@
+"""The command-line options several scripts share, defined once, and the help format every script uses."""
+import argparse
+
+from utils.checkpoints import CHECKPOINT_ROOT
+from utils.data import IN_DATASETS
+from utils.gradients import GRADIENT_ROOT
+from utils.runtime import default_workers
+
+DEFAULT_IN_DATASET = "CIFAR-10"
+ROOTS = {"data": "datasets", "checkpoint": CHECKPOINT_ROOT, "gradient": GRADIENT_ROOT, "results": "results"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and each option's default after its help (none shown for options
+    without a default, or flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+def add_in_dataset(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--in-dataset", default=DEFAULT_IN_DATASET, choices=IN_DATASETS,
+                        help="the in-distribution data set the model is trained on")
+
+
+def add_roots(parser: argparse.ArgumentParser, *names: str) -> None:
+    """``--<name>-root`` for each of ``names`` (``data``, ``checkpoint``, ``gradient``, ``results``)."""
+    for name in names:
+        parser.add_argument(f"--{name}-root", default=ROOTS[name], help=f"where the {name} files are")
+
+
+def add_device(parser: argparse.ArgumentParser, gpu_help: str = "") -> None:
+    """``--gpu`` and ``--workers``."""
+    parser.add_argument("--gpu", default="0",
+                        help="CUDA device; the CPU, with a warning, when CUDA is absent; -1 for the CPU" + gpu_help)
+    parser.add_argument("--workers", type=int,
+                        help=f"data-loading processes per loader (default: {default_workers()} on CUDA, 0 on the "
+                             "CPU, where workers would compete with the computation for the same cores)")
