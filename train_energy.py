@@ -7,17 +7,16 @@ Detection", NeurIPS 2020), as energy_ood's ``train.py --score energy``:
 where every step draws an in-distribution batch and a batch of auxiliary outliers (sampled at random from
 --aux-dataset) and passes them through the network together, so BatchNorm normalises with both.
 
-From scratch (default): ResNet-20, 100 epochs, lr 0.1, and λ on a schedule: 0 for the first
---energy-warmup of the epochs (default 0.25: cross-entropy alone), then rising linearly over the next
---energy-ramp (default 0.5), then the paper's λ for the rest. Applied from the first step, the regulariser
-outweighs cross-entropy twentyfold (a fresh network's E(x_in) ≈ −2.5 is 22 above m_in); the network meets
-the margins long before it learns the classes (46 % test accuracy on digits where cross-entropy alone
-reaches 99 %). Switched on at full strength after a cross-entropy warm-up, it throws the classifier back
-(README: "Energy training from scratch" has the measurements). With --pretrained CKPT it fine-tunes that
-checkpoint as in the paper: 10 epochs, lr 0.001, the paper's loss throughout. Either way SGD with
-Nesterov momentum 0.9, weight decay 5e-4 and the learning rate cosine-annealed per step to 1e-6. Each
-epoch logs the loss and its terms: ``loss = ce + lamb · energy_reg`` (``lamb``: the epoch's λ), and the
-mean energies ``energy_in`` and ``energy_out``.
+From scratch (default): ResNet-20, 100 epochs, lr 0.1, and λ on a schedule: it rises linearly over the
+first --energy-ramp of the epochs (default 0.5: λ·k/51 in epoch k of 1-50) and is the paper's λ from
+then on; --energy-warmup (default 0) puts epochs of cross-entropy alone before the ramp. At full strength
+from the first step the regulariser outweighs cross-entropy (a fresh network's E(x_in) ≈ −2.5 is 22 above
+m_in) and the classes are often not learnt at all; switched on at full strength after a cross-entropy
+warm-up, it throws the classifier back (README, "Energy training from scratch", has the measurements).
+With --pretrained CKPT it fine-tunes that checkpoint as in the paper: 10 epochs, lr 0.001, the paper's
+loss throughout. Either way SGD with Nesterov momentum 0.9, weight decay 5e-4 and the learning rate
+cosine-annealed per step to 1e-6. Each epoch logs the loss and its terms, ``loss = ce + lamb ·
+energy_reg`` (``lamb``: the epoch's λ), and the mean energies ``energy_in`` and ``energy_out``.
 
     python train_energy.py --name=resnet --gpu=0
     torchrun --nproc_per_node=4 train_energy.py --name=resnet     # DistributedDataParallel; batches are global
@@ -36,7 +35,7 @@ from utils.energy import energy_regularizer, energy_score
 from utils.errors import UserError
 from utils.runtime import run_script
 
-WARMUP, RAMP = 0.25, 0.5  # from scratch: the fractions of the epochs with λ = 0, and with λ rising
+WARMUP, RAMP = 0.0, 0.5  # from scratch: the fractions of the epochs with λ = 0, and with λ rising
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not 0 <= getattr(args, option) < 1:
             raise UserError(f"--{option.replace('_', '-')} is a fraction of the epochs in [0, 1), "
                             f"got {getattr(args, option)}.")
+    if args.energy_warmup + args.energy_ramp >= 1:
+        raise UserError(f"--energy-warmup {args.energy_warmup:g} + --energy-ramp {args.energy_ramp:g} must be "
+                        f"below 1, so that the last epochs train with the full loss.")
     return args
 
 

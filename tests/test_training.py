@@ -194,10 +194,12 @@ def test_lamb_zero_logs_cross_entropy_without_a_regularizer(tmp_path, capsys):
 
 def test_energy_schedule_defaults_and_phases():
     scratch = train_energy.parse_args(["--name=x"])
-    assert (scratch.energy_warmup, scratch.energy_ramp) == (train_energy.WARMUP, train_energy.RAMP) == (0.25, 0.5)
+    assert (scratch.energy_warmup, scratch.energy_ramp) == (train_energy.WARMUP, train_energy.RAMP) == (0, 0.5)
     tuned = train_energy.parse_args(["--name=x", "--pretrained=ckpt.pt"])
     assert (tuned.energy_warmup, tuned.energy_ramp) == (0, 0)
-    # 100 epochs, the defaults: 25 at λ = 0, then k/51 · λ in the k-th of 50 epochs, then λ
+    # 100 epochs, the defaults: k/51 · λ in the k-th of 50 epochs, then λ; with a warm-up of 25 first
+    weights = [train_energy.energy_weight(epoch, 100, 0.1, 0, 0.5) for epoch in range(100)]
+    assert weights[:50] == pytest.approx([0.1 * k / 51 for k in range(1, 51)]) and weights[50:] == [0.1] * 50
     weights = [train_energy.energy_weight(epoch, 100, 0.1, 0.25, 0.5) for epoch in range(100)]
     assert weights[:25] == [0] * 25
     assert weights[25:75] == pytest.approx([0.1 * k / 51 for k in range(1, 51)])
@@ -207,3 +209,5 @@ def test_energy_schedule_defaults_and_phases():
     for bad in ("--energy-warmup=1", "--energy-ramp=-0.1"):
         with pytest.raises(UserError, match="is a fraction of the epochs"):
             train_energy.parse_args(["--name=x", bad])
+    with pytest.raises(UserError, match="must be below 1"):
+        train_energy.parse_args(["--name=x", "--energy-warmup=0.5", "--energy-ramp=0.5"])
