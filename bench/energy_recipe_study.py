@@ -150,10 +150,11 @@ def table(results: dict[str, list[dict]]) -> str:
         spread = f" ± {statistics.pstdev(values):.{digits}f}" if len(values) > 1 else ""
         return f"{statistics.mean(values):.{digits}f}{spread}"
 
-    lines = ["| recipe | test acc. % | E(ID) | E(outliers) | FPR95 % ↓ | AUROC % ↑ |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| recipe | test acc. % | per seed | E(ID) | E(outliers) | FPR95 % ↓ | AUROC % ↑ |",
+             "|---|---|---|---|---|---|---|"]
     for label, runs in results.items():
-        lines.append(f"| {label} | {cell(runs, 'test_acc')} | {cell(runs, 'energy_in')} | "
+        per_seed = " / ".join(f"{run['test_acc']:.1f}" for run in runs)
+        lines.append(f"| {label} | {cell(runs, 'test_acc')} | {per_seed} | {cell(runs, 'energy_in')} | "
                      f"{cell(runs, 'energy_out')} | {cell(runs, 'FPR95')} | {cell(runs, 'AUROC', 2)} |")
     return "\n".join(lines)
 
