@@ -17,7 +17,8 @@ margins bound), and FPR95 / AUROC of the energy score (−E, ID positive) of the
 the first 1,000 images of each synthetic OOD set. Prints a table of means ± std over the seeds and writes
 every run's numbers to ``<out>/results.json``.
 
-    python bench/energy_recipe_study.py             # 3 seeds × 6 recipes × 20 epochs (820 steps each)
+    python bench/energy_recipe_study.py             # 3 seeds × 6 recipes × 20 epochs (820 steps each), ~1 hour
+    python bench/energy_recipe_study.py --cifar-path --seeds 1   # through the CIFAR loaders, ~15 minutes
     python bench/energy_recipe_study.py --quick     # a smoke run on 64 images (what the test suite runs)
 """
 import argparse

@@ -44,9 +44,10 @@ from utils.io import atomic_write
 from utils.runtime import default_workers, get_device, loader_workers, seed_everything
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
-"""``loss_fn(model, (x_in, y), *other_batches) -> (loss, logits_in, statistics)``: the loss to minimise,
-the logits of the in-distribution images (for the training accuracy) and per-sample statistics to
-average over the epoch and log (e.g. ``{"energy_in": E(x_in)}``)."""
+"""``loss_fn(model, (x_in, y), *other_batches, **settings) -> (loss, logits_in, statistics)``: the loss to
+minimise, the logits of the in-distribution images (for the training accuracy) and per-sample statistics
+to average over the epoch and log (e.g. ``{"energy_in": E(x_in)}``); ``settings`` are the epoch's keyword
+arguments from ``Run.fit``'s ``schedule`` (e.g. ``{"lamb": 0.05}``), if any."""
 
 # Arguments that may change between a run and its --resume: where things are, not what is trained.
 OPERATIONAL_ARGS = ("gpu", "workers", "data_root", "checkpoint_root", "resume", "overwrite", "amp")
