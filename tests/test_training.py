@@ -165,3 +165,49 @@ def test_pretrained_fine_tunes_with_the_papers_defaults(energy_run, tmp_path):
     with pytest.raises(UserError, match="is a resnet20 trained on digits"):
         train_energy.main(["--name=y", f"--checkpoint-root={tmp_path}", *TINY, *ENERGY,
                            "--model-arch=resnet32", f"--pretrained={checkpoint}"])
+
+
+def test_warm_up_trains_cross_entropy_alone_then_lambda_ramps_up(tmp_path, capsys):
+    schedule = ("--epochs=3", "--energy-warmup=0.34", "--energy-ramp=0.34")  # 1 epoch each: λ = 0, λ/2, λ
+    warm = train(train_energy, tmp_path, "warm", *schedule)
+    assert "cross-entropy alone in epochs 1-1; λ rising linearly in epochs 2-2" in capsys.readouterr().out
+    plain = train(train_energy, tmp_path, "plain", "--epochs=3", "--lamb=0")
+    # λ = 0 in epoch 1: the same weights as cross-entropy alone; the regulariser moves them in epoch 2
+    torch.testing.assert_close(warm[1], plain[1])
+    assert (warm[2] - plain[2]).abs().max() > 1e-3
+
+    rows = [{k: float(v) for k, v in row.items()} for row in read_log(tmp_path / "digits" / "warm" / "log.csv")]
+    assert [row["lamb"] for row in rows] == [0.0, 0.05, 0.1]
+    for row in rows:  # the logged terms make up the logged loss
+        assert row["loss"] == pytest.approx(row["ce"] + row["lamb"] * row["energy_reg"], rel=1e-5)
+    assert rows[0]["energy_reg"] > 0 and rows[2]["loss"] > rows[2]["ce"]
+
+
+def test_lamb_zero_logs_cross_entropy_without_a_regularizer(tmp_path, capsys):
+    train(train_energy, tmp_path, "ce", "--epochs=1", "--lamb=0")
+    assert "no energy regulariser" in capsys.readouterr().out
+    (row,) = read_log(tmp_path / "digits" / "ce" / "log.csv")
+    assert "energy_reg" not in row and "lamb" not in row
+    assert float(row["loss"]) == pytest.approx(float(row["ce"]), rel=1e-6)
+    assert float(row["energy_in"]) < 0
+
+
+def test_energy_schedule_defaults_and_phases():
+    scratch = train_energy.parse_args(["--name=x"])
+    assert (scratch.energy_warmup, scratch.energy_ramp) == (train_energy.WARMUP, train_energy.RAMP) == (0, 0.5)
+    tuned = train_energy.parse_args(["--name=x", "--pretrained=ckpt.pt"])
+    assert (tuned.energy_warmup, tuned.energy_ramp) == (0, 0)
+    # 100 epochs, the defaults: k/51 · λ in the k-th of 50 epochs, then λ; with a warm-up of 25 first
+    weights = [train_energy.energy_weight(epoch, 100, 0.1, 0, 0.5) for epoch in range(100)]
+    assert weights[:50] == pytest.approx([0.1 * k / 51 for k in range(1, 51)]) and weights[50:] == [0.1] * 50
+    weights = [train_energy.energy_weight(epoch, 100, 0.1, 0.25, 0.5) for epoch in range(100)]
+    assert weights[:25] == [0] * 25
+    assert weights[25:75] == pytest.approx([0.1 * k / 51 for k in range(1, 51)])
+    assert weights[75:] == [0.1] * 25
+    assert [train_energy.energy_weight(epoch, 10, 0.1, 0, 0) for epoch in range(10)] == [0.1] * 10
+    assert train_energy.energy_phases(100, 0.29, 0.07) == (29, 7) and train_energy.energy_phases(3, 0.25, 0.5) == (0, 1)
+    for bad in ("--energy-warmup=1", "--energy-ramp=-0.1"):
+        with pytest.raises(UserError, match="is a fraction of the epochs"):
+            train_energy.parse_args(["--name=x", bad])
+    with pytest.raises(UserError, match="must be below 1"):
+        train_energy.parse_args(["--name=x", "--energy-warmup=0.5", "--energy-ramp=0.5"])

@@ -4,10 +4,10 @@ loss (a ``LossFn``) and their defaults.
 
 A run writes ``<checkpoint-root>/<in-dataset>/<name>/`` (layout in ``utils.checkpoints``): ``epoch_<N>.pt``
 every epoch, ``last.pt`` with the optimizer, scheduler, AMP-scaler and RNG states of every process,
-``meta.json``, and ``log.csv`` with one row per epoch (``epoch``, ``lr`` at the epoch's start, mean
-``loss``, ``train_acc`` and ``test_acc`` in %, the loss's own statistics such as ``energy_in``, and
-``seconds``). The log is kept inside ``last.pt`` too, so after ``--resume`` it holds exactly the epochs
-that the weights have seen.
+``meta.json``, and ``log.csv`` with one row per epoch (``epoch``, ``lr`` at the epoch's start, the
+epoch's loss settings such as ``lamb``, mean ``loss``, ``train_acc`` and ``test_acc`` in %, the loss's own
+statistics such as ``ce`` and ``energy_in``, and ``seconds``). The log is kept inside ``last.pt`` too, so
+after ``--resume`` it holds exactly the epochs that the weights have seen.
 
 Several processes (``torchrun --nproc_per_node=N``) train with DistributedDataParallel. Batch sizes are
 **global**: each process takes ``batch_size / N`` of every batch, so a run's hyperparameters mean the same
@@ -44,9 +44,10 @@ from utils.io import atomic_write
 from utils.runtime import default_workers, get_device, loader_workers, seed_everything
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
-"""``loss_fn(model, (x_in, y), *other_batches) -> (loss, logits_in, statistics)``: the loss to minimise,
-the logits of the in-distribution images (for the training accuracy) and per-sample statistics to
-average over the epoch and log (e.g. ``{"energy_in": E(x_in)}``)."""
+"""``loss_fn(model, (x_in, y), *other_batches, **settings) -> (loss, logits_in, statistics)``: the loss to
+minimise, the logits of the in-distribution images (for the training accuracy) and per-sample statistics
+to average over the epoch and log (e.g. ``{"energy_in": E(x_in)}``); ``settings`` are the epoch's keyword
+arguments from ``Run.fit``'s ``schedule`` (e.g. ``{"lamb": 0.05}``), if any."""
 
 # Arguments that may change between a run and its --resume: where things are, not what is trained.
 OPERATIONAL_ARGS = ("gpu", "workers", "data_root", "checkpoint_root", "resume", "overwrite", "amp")
@@ -228,10 +229,13 @@ class Run:
                           pin_memory=self.device.type == "cuda")
 
     def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-            loaders: Sequence[DataLoader], loss_fn: LossFn, test_set: Dataset) -> None:
+            loaders: Sequence[DataLoader], loss_fn: LossFn, test_set: Dataset, description: str | None = None,
+            schedule: Callable[[int], dict[str, float]] | None = None) -> None:
         """Train for ``--epochs`` epochs (from where ``last.pt`` left off with ``--resume``): each step takes
         one batch from every loader (in-distribution first), minimises ``loss_fn``, and steps ``scheduler``;
-        each epoch ends with the test accuracy, a log line and a checkpoint."""
+        each epoch ends with the test accuracy, a log line and a checkpoint. ``description`` says what is
+        trained (default: "<loss> loss"); ``schedule(epoch)`` (0-based), when given, returns the epoch's
+        keyword arguments for ``loss_fn``, which its log row records too."""
         args = self.args
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         start_epoch, history = self._restore(model, optimizer, scheduler, scaler) if self.checkpoint else (0, [])
@@ -241,13 +245,15 @@ class Run:
         test_loader = DataLoader(Subset(test_set, range(self.dist.rank, len(test_set), self.dist.world_size)),
                                  args.batch_size, num_workers=self.workers)
         self.print(f"{args.name}: {self.meta['arch']} on {args.in_dataset} ({len(loaders[0].dataset)} training, "
-                   f"{len(test_set)} test images), {self.loss} loss, epochs {start_epoch + 1}-{args.epochs}, "
-                   f"{self.dist.world_size} process(es) on {self.device.type}; checkpoints in {self.directory}")
+                   f"{len(test_set)} test images), {description or f'{self.loss} loss'}, "
+                   f"epochs {start_epoch + 1}-{args.epochs}, {self.dist.world_size} process(es) on {self.device.type}; "
+                   f"checkpoints in {self.directory}")
 
         for epoch in range(start_epoch, args.epochs):
             started, lr = time.time(), optimizer.param_groups[0]["lr"]
             for loader in loaders:
                 loader.sampler.set_epoch(epoch)
+            settings = schedule(epoch) if schedule else {}
             model.train()
             means = _Means(self.device)
             progress = tqdm(zip(*loaders), total=len(loaders[0]), desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -255,7 +261,7 @@ class Run:
             for step, batches in enumerate(progress):
                 batches = [self._to_device(batch) for batch in batches]
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss, logits_in, statistics = loss_fn(model, *batches)
+                    loss, logits_in, statistics = loss_fn(model, *batches, **settings)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -271,7 +277,8 @@ class Run:
                     progress.set_postfix(loss=f"{loss.item():.4f}")
             progress.close()
 
-            row = {"epoch": epoch + 1, "lr": lr, **means.reduce(), "test_acc": self.evaluate(model, test_loader)}
+            row = {"epoch": epoch + 1, "lr": lr, **settings, **means.reduce(),
+                   "test_acc": self.evaluate(model, test_loader)}
             row["seconds"] = time.time() - started
             history.append(row)
             self.print(f"epoch {epoch + 1}/{args.epochs}  " + "  ".join(
