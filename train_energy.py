@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import training
+from utils import cli, training
 from utils.data import AUX_DATASETS, get_dataset
 from utils.energy import energy_regularizer, energy_score
 from utils.errors import UserError
@@ -39,24 +39,24 @@ WARMUP, RAMP = 0.0, 0.5  # from scratch: the fractions of the epochs with λ = 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     training.add_arguments(parser)
     parser.add_argument("--epochs", type=int, help="(default: 100, or 10 with --pretrained)")
     parser.add_argument("--lr", type=float, help="initial learning rate (default: 0.1, or 0.001 with --pretrained)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     parser.add_argument("--pretrained", metavar="CKPT",
                         help="fine-tune this checkpoint file written by these scripts (e.g. a cross-entropy "
                              "model trained with --lamb=0: checkpoints/CIFAR-10/<name>/last.pt) instead of "
                              "training from scratch")
     parser.add_argument("--aux-dataset", default="tinyimages", choices=AUX_DATASETS,
-                        help="auxiliary outliers (default: %(default)s)")
+                        help="auxiliary outliers")
     parser.add_argument("--oe-batch-size", type=int, default=256,
-                        help="outlier batch size, global like --batch-size (default: %(default)s)")
+                        help="outlier batch size, global like --batch-size")
     parser.add_argument("--m_in", type=float, default=-25.0,
-                        help="in-distribution energy margin (default: %(default)s)")
-    parser.add_argument("--m_out", type=float, default=-7.0, help="outlier energy margin (default: %(default)s)")
-    parser.add_argument("--lamb", type=float, default=0.1, help="weight λ of the energy loss (default: %(default)s)")
-    parser.add_argument("--T", type=float, default=1.0, help="energy temperature (default: %(default)s)")
+                        help="in-distribution energy margin")
+    parser.add_argument("--m_out", type=float, default=-7.0, help="outlier energy margin")
+    parser.add_argument("--lamb", type=float, default=0.1, help="weight λ of the energy loss")
+    parser.add_argument("--T", type=float, default=1.0, help="energy temperature")
     parser.add_argument("--energy-warmup", type=float, metavar="FRACTION",
                         help=f"the first FRACTION × --epochs (rounded down) epochs train with cross-entropy alone "
                              f"(λ = 0) (default: {WARMUP} from scratch, 0 with --pretrained)")

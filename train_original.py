@@ -14,20 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import training
+from utils import cli, training
 from utils.runtime import run_script
 
 MILESTONES = (0.5, 0.75, 0.9)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     training.add_arguments(parser)
-    parser.add_argument("--epochs", type=int, default=100, help="(default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs to train")
     parser.add_argument("--lr", type=float, default=0.1,
-                        help="initial learning rate, ×0.1 after 50%%, 75%% and 90%% of the epochs "
-                             "(default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
+                        help="initial learning rate, ×0.1 after 50%%, 75%% and 90%% of the epochs")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     return parser.parse_args(argv)
 
 

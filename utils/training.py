@@ -32,16 +32,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
-from tqdm import tqdm
 
 import models
-from utils import distributed
-from utils.checkpoints import (CHECKPOINT_ROOT, TRAIN_COMMANDS, build_model, checkpoint_dir, describe_checkpoints,
+from utils import cli, distributed
+from utils.checkpoints import (TRAIN_COMMANDS, build_model, checkpoint_dir, describe_checkpoints,
                                load_checkpoint, save_checkpoint, unwrap)
-from utils.data import IN_DATASETS, NORMALIZATION, NUM_CLASSES, get_dataset
+from utils.data import NORMALIZATION, NUM_CLASSES, get_dataset
 from utils.errors import UserError
 from utils.io import atomic_write
-from utils.runtime import default_workers, get_device, loader_workers, seed_everything
+from utils.runtime import get_device, loader_workers, progress, seed_everything
 
 LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 """``loss_fn(model, (x_in, y), *other_batches, **settings) -> (loss, logits_in, statistics)``: the loss to
@@ -58,25 +57,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     and its loss's options)."""
     parser.add_argument("--name", required=True,
                         help="run name: checkpoints go to <checkpoint-root>/<in-dataset>/<name>/")
-    parser.add_argument("--model-arch", default="resnet20", choices=models.ARCHS, help="(default: %(default)s)")
-    parser.add_argument("--in-dataset", default="CIFAR-10", choices=IN_DATASETS, help="(default: %(default)s)")
+    parser.add_argument("--model-arch", default="resnet20", choices=models.ARCHS, help="the architecture")
+    cli.add_in_dataset(parser)
     parser.add_argument("--batch-size", type=int, default=128,
-                        help="in-distribution batch size, global: split evenly over torchrun's processes "
-                             "(default: %(default)s)")
-    parser.add_argument("--data-root", default="datasets", help="(default: %(default)s)")
-    parser.add_argument("--checkpoint-root", default=CHECKPOINT_ROOT, help="(default: %(default)s)")
-    parser.add_argument("--gpu", default="0",
-                        help="CUDA device; the CPU, with a warning, when CUDA is absent; -1 for the CPU. Under "
-                             "torchrun each process uses cuda:LOCAL_RANK (default: %(default)s)")
-    parser.add_argument("--workers", type=int,
-                        help=f"data-loading processes per loader (default: {default_workers()} on CUDA, 0 on the "
-                             f"CPU, where workers would compete with training for the same cores)")
-    parser.add_argument("--seed", type=int, default=1, help="(default: %(default)s)")
+                        help="in-distribution batch size, global: split evenly over torchrun's processes")
+    cli.add_roots(parser, "data", "checkpoint")
+    cli.add_device(parser, gpu_help=". Under torchrun each process uses cuda:LOCAL_RANK")
+    parser.add_argument("--seed", type=int, default=1, help="seeds the weights, the data order and augmentation")
     parser.add_argument("--limit", type=int, metavar="N",
                         help="smoke runs: use only the first N training and the first N test images")
     parser.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
                         help="mixed precision on CUDA (autocast; fp16 adds loss scaling); the CPU always "
-                             "trains in float32 (default: %(default)s)")
+                             "trains in float32")
     parser.add_argument("--sync-bn", action="store_true",
                         help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA "
                              "only); by default each process normalises with its own share of the batch")
@@ -256,9 +248,9 @@ class Run:
             settings = schedule(epoch) if schedule else {}
             model.train()
             means = _Means(self.device)
-            progress = tqdm(zip(*loaders), total=len(loaders[0]), desc=f"epoch {epoch + 1}/{args.epochs}",
-                            disable=not self.is_main, leave=False, dynamic_ncols=True)
-            for step, batches in enumerate(progress):
+            bar = progress(zip(*loaders), total=len(loaders[0]), desc=f"epoch {epoch + 1}/{args.epochs}",
+                           disable=not self.is_main, leave=False, dynamic_ncols=True)
+            for step, batches in enumerate(bar):
                 batches = [self._to_device(batch) for batch in batches]
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss, logits_in, statistics = loss_fn(model, *batches, **settings)
@@ -274,8 +266,8 @@ class Run:
                 for key, values in statistics.items():
                     means.add(key, values.detach().float().sum(), values.numel())
                 if step % 20 == 0 and self.is_main:
-                    progress.set_postfix(loss=f"{loss.item():.4f}")
-            progress.close()
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.close()
 
             row = {"epoch": epoch + 1, "lr": lr, **settings, **means.reduce(),
                    "test_acc": self.evaluate(model, test_loader)}
