@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
-    epochs, finetune_epochs, bce_epochs, limit = ("3", "2", "4", "200") if args.quick else ("8", "3", "10", "1000")
+    epochs, finetune_epochs, bce_epochs, limit = ("5", "2", "4", "200") if args.quick else ("8", "3", "10", "1000")
     # Without CUDA, say so here once rather than in each of the scripts, and ask them for the CPU.
     gpu = args.gpu if get_device(args.gpu).type == "cuda" else "-1"
     common = ["--in-dataset=digits", f"--gpu={gpu}"]
