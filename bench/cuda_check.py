@@ -377,7 +377,7 @@ def paths(device: torch.device, sizes: Sizes, folder: Path, quick: bool) -> list
     cuda, common = device.type == "cuda", digits_arguments(device, sizes, folder)
     train = [str(ROOT / "train_energy.py"), "--epochs=1", *common]
     first = "bf16" if cuda else "cpu"  # the CPU always trains in float32
-    rows = [run_command(f"train_energy.py --amp bf16" if cuda else "train_energy.py (float32: the CPU)",
+    rows = [run_command("train_energy.py --amp bf16" if cuda else "train_energy.py (float32: the CPU)",
                         [*train, f"--name={first}", "--amp=bf16"], folder, loads_model(folder, first, device))]
     if cuda:
         rows.append(run_command("train_energy.py --amp fp16 (loss scaling)", [*train, "--name=fp16", "--amp=fp16"],

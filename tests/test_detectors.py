@@ -4,9 +4,8 @@ inside a batch of mixed images equals its value alone — never one score per ba
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-import models
+from tests.test_per_sample import calibrated_model
 from utils.detectors import (CONFOUNDING, DETECTORS, TRACK_GRADIENT_SCORES, ExGrad, GradNorm, get_detector,
                              gradient_scores, rows_per_sample)
 
@@ -14,19 +13,6 @@ from utils.detectors import (CONFOUNDING, DETECTORS, TRACK_GRADIENT_SCORES, ExGr
 pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 
 NUM_CLASSES = 10
-
-
-def calibrated_model(arch: str, dtype: torch.dtype = torch.float64) -> nn.Module:
-    """A random model whose BatchNorm statistics were estimated on random images, as training would leave
-    them (with the initial ones, a random WRN's logits reach the hundreds)."""
-    torch.manual_seed(0)
-    model = models.get_model(arch, NUM_CLASSES)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = None  # cumulative average
-    with torch.no_grad():
-        model.train()(torch.rand(32, 3, 32, 32))
-    return model.to(dtype).eval()
 
 
 def as_rows(scores, i: int) -> dict[str, float]:
@@ -43,7 +29,7 @@ def assert_matches(batched: dict[str, float], reference: dict[str, float], toler
 
 @pytest.fixture(scope="module", params=["resnet20", "wrn40_2"])
 def model_and_images(request):
-    model = calibrated_model(request.param)
+    model = calibrated_model(request.param, torch.float64)
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     return model, x
 
@@ -69,7 +55,7 @@ def test_all_detectors_in_one_pass_equal_each_alone(model_and_images):
 
 
 def test_gradnorm_follows_the_official_code_at_other_temperatures():
-    model = calibrated_model("resnet20")
+    model = calibrated_model("resnet20", torch.float64)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     detector = get_detector("gradnorm", temperature=1000.0)
     assert isinstance(detector, GradNorm) and detector.options() == {"temperature": 1000.0}
@@ -81,7 +67,7 @@ def test_gradnorm_follows_the_official_code_at_other_temperatures():
 def test_gradnorm_last_layer_is_the_rank_one_product():
     """The fc layer's per-sample gradient δhᵀ has ‖·‖₁ = ‖δ‖₁‖h‖₁, δ = (K·p − 1)/T: an independent check from the
     features and the softmax alone."""
-    model = calibrated_model("resnet20")
+    model = calibrated_model("resnet20", torch.float64)
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     features = {}
     handle = model.fc.register_forward_hook(lambda m, args, out: features.update(h=args[0]))
@@ -98,7 +84,7 @@ def test_gradnorm_last_layer_is_the_rank_one_product():
 def test_a_sample_scores_the_same_in_any_batch(name):
     """A per-sample score must never become a per-batch one: each image of a batch mixing digits-like images and
     noise gets exactly its batch-of-one value, whatever shares its batch."""
-    model = calibrated_model("resnet20")
+    model = calibrated_model("resnet20", torch.float64)
     generator = torch.Generator().manual_seed(4)
     x = torch.cat([torch.rand(3, 3, 32, 32, generator=generator, dtype=torch.float64),
                    torch.randn(3, 3, 32, 32, generator=generator, dtype=torch.float64).clamp(0, 1)])
@@ -136,7 +122,7 @@ def test_rows_per_sample_counts_each_shared_set_of_rows_once():
 
 def test_the_plain_bce_definition_is_the_confounding_label():
     """An independent spelling of the confounding label: BCE against all-ones, summed then divided by K."""
-    model = calibrated_model("resnet20")
+    model = calibrated_model("resnet20", torch.float64)
     image = torch.rand(3, 32, 32, dtype=torch.float64)
     logits = model(image[None])
     model.zero_grad()
