@@ -8,7 +8,7 @@ It runs the real scripts, in order — both trainings, both trackings, both mode
 the comparison of every tracked detector — with every output under one folder (``--out``, default
 ``demo_output/``)::
 
-    python demo.py            # ~5.5 minutes on two CPU cores
+    python demo.py            # ~6 minutes on two CPU cores
     python demo.py --quick    # a smoke run (what the test suite runs)
 """
 import argparse
