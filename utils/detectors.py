@@ -74,6 +74,8 @@ def _as_dict(model: nn.Module, norms: torch.Tensor, p: int, chosen: int) -> dict
 
 
 class Detector:
+    """One gradient detector (see the module's docstring); subclasses fill in the rows, the reduction and the
+    batch-of-one definition."""
     name: str
     paper: str
     formula: str
@@ -82,7 +84,7 @@ class Detector:
     rows: str                # detectors with the same key back-propagate the same rows
     norm: int = 2
     sign: int = -1           # +1: a larger gradient means in-distribution
-    headline = "total"       # the row a comparison reports: "total", "last" (the last tracked layer) or an extra
+    headline = "total"       # the row a comparison reports: "total" or "last" (see headline_row)
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -188,7 +190,6 @@ class GradNorm(Detector):
     paper = ("Huang, Geng & Li, On the Importance of Gradients for Detecting Distributional Shifts in the Wild, "
              "NeurIPS 2021")
     formula = "‖∇_W Σ_k −log softmax(f(x)/T)_k‖₁, last layer"
-    rows = "uniform"
     norm = 1
     sign = +1
     headline = "last"
@@ -227,7 +228,6 @@ class ExGrad(Detector):
     paper = "Igoe, Chung, Char & Schneider, How Useful are Gradients for OOD Detection Really?, 2022"
     formula = "Σ_k p_k ‖∇_W −log p_k‖ (L2 per layer; the paper's L1 of the last layer)"
     rows = "cross_entropy"
-    headline = "extra"
 
     @staticmethod
     def extra_row(last_layer: str) -> str:

@@ -195,10 +195,10 @@ def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, datase
                                     args.gradient_root) for d in detectors}
     num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     if only_if_stale:
-        for d in detectors:
-            if _is_current(finals[d.name], model_info, num_samples, d.options()):
-                print(f"{finals[d.name]} is up to date ({num_samples} samples)")
-        detectors = [d for d in detectors if not _is_current(finals[d.name], model_info, num_samples, d.options())]
+        current = {d.name for d in detectors if _is_current(finals[d.name], model_info, num_samples, d.options())}
+        for name in current:
+            print(f"{finals[name]} is up to date ({num_samples} samples)")
+        detectors = [d for d in detectors if d.name not in current]
         if not detectors:
             return
     rows = rows_per_sample(detectors, model_info["num_classes"])
