@@ -23,7 +23,7 @@ energy_reg`` (``lamb``: the epoch's λ), and the mean energies ``energy_in`` and
 """
 import argparse
 import math
-from functools import partial
+import time
 
 import torch
 import torch.nn.functional as F
@@ -129,21 +129,35 @@ def main(argv: list[str] | None = None) -> None:
         out_loader = run.outlier_loader(aux_set, args.oe_batch_size, steps=len(in_loader))
         optimizer = training.sgd(model, args.lr, args.weight_decay)
         scheduler = training.cosine_schedule(optimizer, args.epochs * len(in_loader))
-        loss_fn = partial(energy_loss, m_in=args.m_in, m_out=args.m_out, T=args.T)
+        state, test_loader = run.resume(model, optimizer, scheduler), run.test_loader(test_set)
+        if not run.announce(state, train_set, test_set, describe(args)):
+            return
+        for epoch in range(state.epoch, args.epochs):
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "started": time.time()}
+            lamb = None  # --lamb=0: cross-entropy alone, no regulariser to log
+            if args.lamb:
+                row["lamb"] = lamb = energy_weight(epoch, args.epochs, args.lamb, args.energy_warmup, args.energy_ramp)
+            model.train()
+            means = training.EpochMeans(run.device)
+            for (x_in, y), (x_out, _) in run.batches([in_loader, out_loader], epoch):
+                with run.autocast():  # one forward pass over both batches: BatchNorm sees both, as in energy_ood
+                    loss, logits_in, statistics = energy_loss(model, (x_in, y), (x_out, _), lamb=lamb, m_in=args.m_in,
+                                                              m_out=args.m_out, T=args.T)
+                run.step(loss, optimizer, scheduler, state)
+                means.add_step(loss, logits_in, y, statistics)
+            run.end_epoch(model, optimizer, scheduler, state, {**row, **means.reduce()}, test_loader)
 
-        if args.lamb == 0:
-            loss_fn, schedule = partial(loss_fn, lamb=None), None
-            description = "cross-entropy loss (--lamb=0: no energy regulariser)"
-        else:
-            schedule = lambda epoch: {"lamb": energy_weight(epoch, args.epochs, args.lamb,  # noqa: E731
-                                                            args.energy_warmup, args.energy_ramp)}
-            n_warmup, n_ramp = energy_phases(args.epochs, args.energy_warmup, args.energy_ramp)
-            phases = [f"cross-entropy alone in epochs 1-{n_warmup}"] if n_warmup else []
-            if n_ramp:
-                phases.append(f"λ rising linearly in epochs {n_warmup + 1}-{n_warmup + n_ramp}")
-            description = (f"cross-entropy + λ × energy regulariser (margins {args.m_in:g} / {args.m_out:g}, "
-                           f"λ = {args.lamb:g}{''.join(f'; {phase}' for phase in phases)})")
-        run.fit(model, optimizer, scheduler, [in_loader, out_loader], loss_fn, test_set, description, schedule)
+
+def describe(args: argparse.Namespace) -> str:
+    """What ``--lamb``, the margins and the λ schedule make of the loss, for the run's first line."""
+    if args.lamb == 0:
+        return "cross-entropy loss (--lamb=0: no energy regulariser)"
+    n_warmup, n_ramp = energy_phases(args.epochs, args.energy_warmup, args.energy_ramp)
+    phases = [f"cross-entropy alone in epochs 1-{n_warmup}"] if n_warmup else []
+    if n_ramp:
+        phases.append(f"λ rising linearly in epochs {n_warmup + 1}-{n_warmup + n_ramp}")
+    return (f"cross-entropy + λ × energy regulariser (margins {args.m_in:g} / {args.m_out:g}, "
+            f"λ = {args.lamb:g}{''.join(f'; {phase}' for phase in phases)})")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ down), so a shorter run keeps the same shape.
     torchrun --nproc_per_node=4 train_original.py --name=resnet_bce   # DistributedDataParallel; batches are global
 """
 import argparse
+import time
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,19 @@ def main(argv: list[str] | None = None) -> None:
         milestones = [int(fraction * args.epochs) for fraction in MILESTONES]
         scheduler = training.step_schedule(optimizer, milestones, steps_per_epoch=len(loader))
 
-        run.fit(model, optimizer, scheduler, [loader], bce_loss, test_set)
+        state, test_loader = run.resume(model, optimizer, scheduler), run.test_loader(test_set)
+        if not run.announce(state, train_set, test_set, "BCE loss (one sigmoid per class)"):
+            return
+        for epoch in range(state.epoch, args.epochs):
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "started": time.time()}
+            model.train()
+            means = training.EpochMeans(run.device)
+            for (x, y), in run.batches([loader], epoch):
+                with run.autocast():
+                    loss, logits, statistics = bce_loss(model, (x, y))
+                run.step(loss, optimizer, scheduler, state)
+                means.add_step(loss, logits, y, statistics)
+            run.end_epoch(model, optimizer, scheduler, state, {**row, **means.reduce()}, test_loader)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@
 import hashlib
 import io
 import json
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -150,3 +152,22 @@ def load_model(in_dataset: str, name: str, epoch: int | None = None, device: str
     meta["checkpoint"] = str(path)
     meta["checkpoint_sha256"] = hashlib.sha256(content).hexdigest()[:16]  # tells a retrained model apart
     return model.to(device).eval(), meta
+
+
+def rng_state(device: torch.device) -> dict:
+    """Python's, NumPy's and torch's random states in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,6 +1,7 @@
 """What ``train_energy.py`` and ``train_original.py`` share: the arguments, data loaders, model, SGD and its
-schedules, the epoch loop, evaluation, logging, checkpoints and exact resumption. The scripts add their
-loss (a ``LossFn``) and their defaults.
+schedules, the steps of an epoch (``Run.batches``, ``Run.autocast``, ``Run.step``, ``Run.end_epoch``),
+evaluation, logging, checkpoints and exact resumption (``Run.resume``). Each script writes its own epoch
+loop with its loss, in the open.
 
 A run writes ``<checkpoint-root>/<in-dataset>/<name>/`` (layout in ``utils.checkpoints``): ``epoch_<N>.pt``
 every epoch, ``last.pt`` with the optimizer, scheduler, AMP-scaler and RNG states of every process,
@@ -19,34 +20,26 @@ import argparse
 import csv
 import io
 import math
-import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 import models
 from utils import cli, distributed
 from utils.checkpoints import (TRAIN_COMMANDS, build_model, checkpoint_dir, describe_checkpoints,
-                               load_checkpoint, save_checkpoint, unwrap)
+                               load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap)
 from utils.data import NORMALIZATION, NUM_CLASSES, get_dataset
 from utils.errors import UserError
 from utils.io import atomic_write
 from utils.runtime import get_device, loader_workers, progress, seed_everything
-
-LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
-"""``loss_fn(model, (x_in, y), *other_batches, **settings) -> (loss, logits_in, statistics)``: the loss to
-minimise, the logits of the in-distribution images (for the training accuracy) and per-sample statistics
-to average over the epoch and log (e.g. ``{"energy_in": E(x_in)}``); ``settings`` are the epoch's keyword
-arguments from ``Run.fit``'s ``schedule`` (e.g. ``{"lamb": 0.05}``), if any."""
 
 # Arguments that may change between a run and its --resume: where things are, not what is trained.
 OPERATIONAL_ARGS = ("gpu", "workers", "data_root", "checkpoint_root", "resume", "overwrite", "amp")
@@ -103,32 +96,6 @@ def step_schedule(optimizer: torch.optim.Optimizer, milestones: Sequence[int], s
     return LambdaLR(optimizer, lambda step: gamma ** sum(step >= m * steps_per_epoch for m in milestones))
 
 
-class RandomStreamSampler(Sampler[int]):
-    """Indices drawn uniformly with replacement from ``range(size)``, a fresh stream every epoch.
-
-    Per epoch it draws ``world_size * num_samples`` indices from a generator seeded with ``(seed, epoch)``;
-    process ``rank`` takes every ``world_size``-th of them, starting at ``rank``. The processes' streams are
-    disjoint parts of one global stream, so ``world_size`` processes with batch ``b`` draw exactly the
-    batches of one process with batch ``world_size · b``. Drawing with replacement costs nothing up front,
-    even for the 79M images of 80M Tiny Images.
-    """
-
-    def __init__(self, size: int, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.size, self.num_samples, self.seed = size, num_samples, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        generator = np.random.default_rng([self.seed, self.epoch])
-        stream = generator.integers(self.size, size=self.num_samples * self.world_size)
-        return iter(stream[self.rank::self.world_size].tolist())
-
-
 @dataclass
 class Run:
     """One training run in this process: its arguments, place in the job, device and checkpoint folder."""
@@ -177,7 +144,7 @@ class Run:
         checkpoint file ``pretrained``, or the run's own architecture when resuming; wrapped in
         DistributedDataParallel under torchrun."""
         args = self.args
-        if self.checkpoint:  # resuming: fit() loads the weights from last.pt
+        if self.checkpoint:  # resuming: resume() loads the weights from last.pt
             spec = self.checkpoint["meta"]
             net = build_model(spec)
         elif pretrained:
@@ -215,73 +182,77 @@ class Run:
         """``steps`` batches per epoch of auxiliary images sampled at random (``RandomStreamSampler``), this
         process's share (``batch_size`` is global)."""
         local = batch_size // self.dist.world_size
-        sampler = RandomStreamSampler(len(dataset), steps * local, self.args.seed, self.dist.rank,
+        sampler = distributed.RandomStreamSampler(len(dataset), steps * local, self.args.seed, self.dist.rank,
                                       self.dist.world_size)
         return DataLoader(dataset, local, sampler=sampler, num_workers=self.workers,
                           pin_memory=self.device.type == "cuda")
 
-    def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-            loaders: Sequence[DataLoader], loss_fn: LossFn, test_set: Dataset, description: str | None = None,
-            schedule: Callable[[int], dict[str, float]] | None = None) -> None:
-        """Train for ``--epochs`` epochs (from where ``last.pt`` left off with ``--resume``): each step takes
-        one batch from every loader (in-distribution first), minimises ``loss_fn``, and steps ``scheduler``;
-        each epoch ends with the test accuracy, a log line and a checkpoint. ``description`` says what is
-        trained (default: "<loss> loss"); ``schedule(epoch)`` (0-based), when given, returns the epoch's
-        keyword arguments for ``loss_fn``, which its log row records too."""
-        args = self.args
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> "TrainState":
+        """Where training starts: epoch 0 with an empty log, or, with ``--resume``, ``last.pt`` loaded into the
+        model, optimizer, scheduler, AMP scaler and random states. The scaler does loss scaling for fp16 AMP."""
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        start_epoch, history = self._restore(model, optimizer, scheduler, scaler) if self.checkpoint else (0, [])
-        if start_epoch >= args.epochs:
-            self.print(f"{self.directory} has already trained all {args.epochs} epochs; nothing to do.")
-            return
-        test_loader = DataLoader(Subset(test_set, range(self.dist.rank, len(test_set), self.dist.world_size)),
-                                 args.batch_size, num_workers=self.workers)
-        self.print(f"{args.name}: {self.meta['arch']} on {args.in_dataset} ({len(loaders[0].dataset)} training, "
-                   f"{len(test_set)} test images), {description or f'{self.loss} loss'}, "
-                   f"epochs {start_epoch + 1}-{args.epochs}, {self.dist.world_size} process(es) on {self.device.type}; "
-                   f"checkpoints in {self.directory}")
+        epoch, history = self._restore(model, optimizer, scheduler, scaler) if self.checkpoint else (0, [])
+        return TrainState(epoch, history, scaler)
 
-        for epoch in range(start_epoch, args.epochs):
-            started, lr = time.time(), optimizer.param_groups[0]["lr"]
-            for loader in loaders:
-                loader.sampler.set_epoch(epoch)
-            settings = schedule(epoch) if schedule else {}
-            model.train()
-            means = _Means(self.device)
-            bar = progress(zip(*loaders), total=len(loaders[0]), desc=f"epoch {epoch + 1}/{args.epochs}",
-                           disable=not self.is_main, leave=False, dynamic_ncols=True)
-            for step, batches in enumerate(bar):
-                batches = [self._to_device(batch) for batch in batches]
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    loss, logits_in, statistics = loss_fn(model, *batches, **settings)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+    def announce(self, state: "TrainState", train_set: Dataset, test_set: Dataset, description: str) -> bool:
+        """Say what is trained; False when every epoch is already done (nothing to train)."""
+        if state.epoch >= self.args.epochs:
+            self.print(f"{self.directory} has already trained all {self.args.epochs} epochs; nothing to do.")
+            return False
+        self.print(f"{self.args.name}: {self.meta['arch']} on {self.args.in_dataset} ({len(train_set)} training, "
+                   f"{len(test_set)} test images), {description}, epochs {state.epoch + 1}-{self.args.epochs}, "
+                   f"{self.dist.world_size} process(es) on {self.device.type}; checkpoints in {self.directory}")
+        return True
 
-                labels = batches[0][1]
-                means.add("loss", loss.detach() * len(labels), len(labels))
-                means.add("train_acc", 100 * (logits_in.argmax(1) == labels).sum(), len(labels))
-                for key, values in statistics.items():
-                    means.add(key, values.detach().float().sum(), values.numel())
-                if step % 20 == 0 and self.is_main:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.close()
+    def test_loader(self, test_set: Dataset) -> DataLoader:
+        """This process's share of the test images, for ``end_epoch``'s accuracy."""
+        return DataLoader(Subset(test_set, range(self.dist.rank, len(test_set), self.dist.world_size)),
+                          self.args.batch_size, num_workers=self.workers)
 
-            row = {"epoch": epoch + 1, "lr": lr, **settings, **means.reduce(),
-                   "test_acc": self.evaluate(model, test_loader)}
-            row["seconds"] = time.time() - started
-            history.append(row)
-            self.print(f"epoch {epoch + 1}/{args.epochs}  " + "  ".join(
-                f"{key} {value:.4g}" for key, value in row.items() if key != "epoch"))
-            self._save(model, optimizer, scheduler, scaler, history)
+    def batches(self, loaders: Sequence[DataLoader], epoch: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One epoch: a batch from every loader at each step, on the device, with a progress bar."""
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)
+        self._bar = progress(zip(*loaders), total=len(loaders[0]), desc=f"epoch {epoch + 1}/{self.args.epochs}",
+                             disable=not self.is_main, leave=False, dynamic_ncols=True)
+        for batches in self._bar:
+            yield [self._to_device(batch) for batch in batches]
+        self._bar.close()
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision on CUDA (``--amp``); float32 on the CPU."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+             state: "TrainState") -> None:
+        """One optimizer step on ``loss`` (scaled for fp16), then one scheduler step."""
+        optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(optimizer)
+        state.scaler.update()
+        scheduler.step()
+        if state.steps % 20 == 0 and self.is_main:
+            self._bar.set_postfix(loss=f"{loss.item():.4f}")
+        state.steps += 1
+
+    def end_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+                  state: "TrainState", row: dict, test_loader: DataLoader) -> None:
+        """Complete the epoch's log ``row`` with the test accuracy and the seconds since ``row["started"]``,
+        print it, and save the checkpoint with everything ``--resume`` needs."""
+        started = row.pop("started")
+        row["test_acc"] = self.evaluate(model, test_loader)
+        row["seconds"] = time.time() - started
+        state.history.append(row)
+        state.epoch = row["epoch"]
+        self.print(f"epoch {row['epoch']}/{self.args.epochs}  " + "  ".join(
+            f"{key} {value:.4g}" for key, value in row.items() if key != "epoch"))
+        self._save(model, optimizer, scheduler, state.scaler, state.history)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> float:
         """Accuracy (%) on the test images, each process scoring its share."""
         net = unwrap(model).eval()
-        accuracy = _Means(self.device)
+        accuracy = EpochMeans(self.device)
         for batch in loader:
             images, labels = self._to_device(batch)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -296,7 +267,7 @@ class Run:
 
     def _save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
               scaler: torch.amp.GradScaler, history: list[dict]) -> None:
-        rng_states = distributed.all_gather_object(_rng_state(self.device))
+        rng_states = distributed.all_gather_object(rng_state(self.device))
         if not self.is_main:
             return
         meta = {**self.meta, "epoch": history[-1]["epoch"]}
@@ -316,7 +287,7 @@ class Run:
         if scaler.is_enabled() and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         if len(state["rng"]) == self.dist.world_size:
-            _set_rng_state(state["rng"][self.dist.rank], self.device)
+            set_rng_state(state["rng"][self.dist.rank], self.device)
         else:
             self.print(f"note: resuming a {len(state['rng'])}-process run on {self.dist.world_size} process(es); "
                        f"the random streams from here on differ from an uninterrupted run.")
@@ -392,7 +363,16 @@ def _check_same_run(meta: dict, args: argparse.Namespace, loss: str, path: Path)
                         f"differ: {'; '.join(differences)}. Repeat the run's arguments, or start a new run.")
 
 
-class _Means:
+@dataclass
+class TrainState:
+    """How far a run has come: epochs done, the log rows so far, the AMP loss scaler, steps this session."""
+    epoch: int
+    history: list[dict]
+    scaler: torch.amp.GradScaler
+    steps: int = 0
+
+
+class EpochMeans:
     """Running sums of per-sample statistics, kept on the device (no synchronisation per step)."""
 
     def __init__(self, device: torch.device):
@@ -402,6 +382,14 @@ class _Means:
         self.totals[key] = self.totals.get(key, 0) + total.to(torch.float64)
         self.counts[key] = self.counts.get(key, 0) + count
 
+    def add_step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                 statistics: dict[str, torch.Tensor]) -> None:
+        """A training step's loss, accuracy and per-sample ``statistics`` (e.g. energies)."""
+        self.add("loss", loss.detach() * len(labels), len(labels))
+        self.add("train_acc", 100 * (logits.argmax(1) == labels).sum(), len(labels))
+        for key, values in statistics.items():
+            self.add(key, values.detach().float().sum(), values.numel())
+
     def reduce(self) -> dict[str, float]:
         """The mean of every statistic over all processes."""
         keys = list(self.totals)
@@ -409,25 +397,6 @@ class _Means:
         totals = torch.stack([self.totals[key] for key in keys])
         totals, counts = distributed.all_reduce_sum(torch.stack([totals, counts])).tolist()
         return {key: total / count for key, total, count in zip(keys, totals, counts)}
-
-
-def _rng_state(device: torch.device) -> dict:
-    """Python's, NumPy's and torch's random states in types ``torch.load(weights_only=True)`` accepts."""
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    name, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
