@@ -188,9 +188,14 @@ def combined_fit(args: argparse.Namespace, id_record: dict, id_path: Path) -> Ga
     return fit
 
 
-def distances(fit: GaussianFit | None, id_record: dict, ood_record: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """The ``combined`` row's raw values, the ID and OOD samples' Mahalanobis distances from ``fit``."""
-    return (-combined_score(fit, id_record), -combined_score(fit, ood_record)) if fit else None
+def distances(fit: GaussianFit | None, id_record: dict, ood_records: dict[str, dict]
+              ) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+    """The ``combined`` row's raw values for each OOD set: the ID samples' Mahalanobis distances from ``fit``
+    (computed once) and that set's; None for every set without a fit."""
+    if fit is None:
+        return dict.fromkeys(ood_records)
+    id_distances = -combined_score(fit, id_record)
+    return {dataset: (id_distances, -combined_score(fit, record)) for dataset, record in ood_records.items()}
 
 
 def results_folder(args: argparse.Namespace) -> Path:
@@ -231,10 +236,11 @@ def per_layer_tables(args: argparse.Namespace) -> None:
     fit = combined_fit(args, id_record, id_path)
     sign = score_sign(args.saved_form, args.score, args.flip)
     folder = results_folder(args)
+    combined = distances(fit, id_record, ood_records)
     tables = []
     for dataset, ood_record in ood_records.items():
         table = detection_table(id_record, ood_record, args.saved_form, args.score, args.flip,
-                                combined=distances(fit, id_record, ood_record), protocol=protocol_of(args))
+                                combined=combined[dataset], protocol=protocol_of(args))
         if fit:
             table["combined"] = fit.describe()  # what it was fit on: the same for every OOD set
         written = write_table(table, folder / dataset)
@@ -300,10 +306,10 @@ def compare(args: argparse.Namespace) -> None:
         saved_form, score = saved_form_of(detector)
         fit = combined_fit(detector_args(args, detector), id_record, id_path)
         only = None if args.plot else [detector.headline_row(list(id_record["layers"]))]
+        combined = distances(fit, id_record, ood_records)
         tables[detector.name] = [detection_table(id_record, ood_record, saved_form, score, args.flip,
-                                                 combined=distances(fit, id_record, ood_record), protocol=protocol,
-                                                 only=only)
-                                 for ood_record in ood_records.values()]
+                                                 combined=combined[dataset], protocol=protocol, only=only)
+                                 for dataset, ood_record in ood_records.items()]
         if args.plot:
             written.append(plot_layers(tables[detector.name], folder / f"{detector.name}_layers.png"))
     table = comparison_table(tables)
