@@ -34,12 +34,22 @@ from utils.data import check_dataset_name
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector
 from utils.errors import UserError
 from utils.gradients import GRADIENT_ROOT, GradientFileError, gradient_path, load_gradients, ood_dataset_names
-from utils.metrics import (PROTOCOLS, SAVED_FORMS, Protocol, average_table, baseline_scores, best_and_worst_layers,
-                           detection_table, format_table, gradient_rows, score_sign, write_table)
+from utils.metrics import (
+    PROTOCOLS,
+    SAVED_FORMS,
+    Protocol,
+    average_table,
+    baseline_scores,
+    best_and_worst_layers,
+    detection_table,
+    format_table,
+    gradient_rows,
+    score_sign,
+    write_table,
+)
 from utils.plots import plot_detection, plot_layer_auroc
 from utils.runtime import run_script
 from utils.tracking import TRAIN_SPLIT
-
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

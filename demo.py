@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--in-dataset=digits", f"--gpu={gpu}"]
     # 1,297 training images: small batches give the few epochs enough optimizer steps.
     batches = ["--batch-size=32", "--oe-batch-size=64"]
-    checkpoints, gradients, results = (f"--checkpoint-root={out / 'checkpoints'}", f"--gradient-root={out / 'gradients'}",
-                                       f"--results-root={out / 'results'}")
+    checkpoints, gradients, results = (f"--checkpoint-root={out / 'checkpoints'}",
+                                       f"--gradient-root={out / 'gradients'}", f"--results-root={out / 'results'}")
     start = time.time()
     # Gradients and results belong to the models trained below; never mix in an earlier run's files.
     shutil.rmtree(out / "gradients", ignore_errors=True)

@@ -38,9 +38,10 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -51,9 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from track_bench import NUM_CLASSES, ceiling, engine, images, loop, make_model, throughput  # noqa: E402
+
 import models  # noqa: E402
 import train_energy  # noqa: E402
-from track_bench import NUM_CLASSES, ceiling, engine, images, loop, make_model, throughput  # noqa: E402
 from utils import training  # noqa: E402
 from utils.checkpoints import load_model  # noqa: E402
 from utils.detectors import CONFOUNDING, DETECTORS, Detector, Scores, gradient_scores, rows_per_sample  # noqa: E402
@@ -212,14 +214,14 @@ def speed_rows(model: nn.Module, arch: str, detector: Detector, x: torch.Tensor,
     at the default and the best; the loop; vmap at its best batch."""
     where, per_image = str(device), rows_per_sample([detector], NUM_CLASSES)
     loop_rate = throughput(lambda b: loop(model, b, [detector]), x[:sizes.loop_images], 1, where)
-    vmap_rates = {batch: unless_out_of_memory(lambda: throughput(lambda b: vmap_scores(model, b, detector),
-                                                                 x[:sizes.vmap_images], batch, where))
+    vmap_rates = {batch: unless_out_of_memory(lambda batch=batch: throughput(
+                      lambda b: vmap_scores(model, b, detector), x[:sizes.vmap_images], batch, where))
                   for batch in sizes.vmap_batches}
     vmap_rate, vmap_batch = max((rate, batch) for batch, rate in vmap_rates.items() if rate is not None)
     measured = {}
     for batch_size in sizes.batch_sizes:
         per_batch = max(1, batch_size // per_image)
-        measured[batch_size] = unless_out_of_memory(lambda: (
+        measured[batch_size] = unless_out_of_memory(lambda per_batch=per_batch: (
             *peak_mib(lambda: throughput(lambda b: engine(model, b, [detector]), x, per_batch, where), device),
             throughput(lambda b: ceiling(model, b, [detector]), x, per_batch, where)))
     default = sizes.batch_sizes[0]

@@ -3,7 +3,7 @@
 Every model takes images in [0, 1] and normalises them itself with the ``mean``/``std`` buffers of its
 ``normalize`` module, so the normalisation is saved with the weights.
 """
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 

@@ -1,5 +1,5 @@
 """Input normalisation that lives inside the model, so a checkpoint carries its own preprocessing."""
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -126,10 +126,10 @@ def test_oas_shrinkage_is_an_option(tmp_path, capsys):
 
 
 def test_the_study_script_compares_combined_with_single_rows(tmp_path):
-    """docs/combine_study.py: its combined AUROC is compute_gradient_metrics.py's; the train-picked layer is the
+    """bench/combine_study.py: its combined AUROC is compute_gradient_metrics.py's; the train-picked layer is the
     one whose log-norm varies least on the training file."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("combine_study", "docs/combine_study.py")
+    spec = importlib.util.spec_from_file_location("combine_study", "bench/combine_study.py")
     combine_study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(combine_study)
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import compute_gradient_metrics
-from utils.errors import UserError
 from utils.detectors import get_detector
+from utils.errors import UserError
 from utils.gradients import GradientFileError, gradient_path, load_gradients, new_record, save_gradients
 from utils.metrics import METRICS, detection_score, ood_metrics
 

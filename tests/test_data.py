@@ -14,8 +14,16 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from utils.data import (AUX_DATASETS, IN_DATASETS, NORMALIZATION, NUM_CLASSES, OOD_DATASETS, check_dataset_name,
-                        dataset_available, get_dataset)
+from utils.data import (
+    AUX_DATASETS,
+    IN_DATASETS,
+    NORMALIZATION,
+    NUM_CLASSES,
+    OOD_DATASETS,
+    check_dataset_name,
+    dataset_available,
+    get_dataset,
+)
 from utils.data.bundled import photo_pyramid
 from utils.data.tinyimages import TinyImages
 from utils.errors import DataNotFoundError, UnreadableFileError, UserError

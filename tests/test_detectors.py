@@ -6,8 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from tests.test_per_sample import calibrated_model
-from utils.detectors import (CONFOUNDING, DETECTORS, TRACK_GRADIENT_SCORES, ExGrad, GradNorm, get_detector,
-                             gradient_scores, rows_per_sample)
+from utils.detectors import (
+    CONFOUNDING,
+    DETECTORS,
+    TRACK_GRADIENT_SCORES,
+    ExGrad,
+    GradNorm,
+    get_detector,
+    gradient_scores,
+    rows_per_sample,
+)
 
 # torch.backends.mkldnn.flags() warns about a TF32 setting that concerns only Intel GPUs
 pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_torchrun_two_processes_writes_a_checkpoint_that_loads(tmp_path):
     result = subprocess.run(  # python -m torch.distributed.run is torchrun
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_energy.py"), "--name=ddp",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "train_energy.py"), "--name=ddp",
          f"--checkpoint-root={tmp_path}", "--in-dataset=digits", "--aux-dataset=sample_photos", "--limit=32",
          "--batch-size=8", "--oe-batch-size=8", "--epochs=1", "--workers=0", "--gpu=-1"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120)

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 from utils.detectors import DETECTORS, get_detector
-from utils.gradients import (PER_SAMPLE_KEYS, GradientFileError, concatenate_records, gradient_path, load_gradients,
-                             new_record, save_gradients)
+from utils.gradients import (
+    PER_SAMPLE_KEYS,
+    GradientFileError,
+    concatenate_records,
+    gradient_path,
+    load_gradients,
+    new_record,
+    save_gradients,
+)
 
 MODEL = {"name": "net", "arch": "resnet20", "in_dataset": "digits", "num_classes": 10,
          "checkpoint": "checkpoints/digits/net/last.pt", "epoch": 3}

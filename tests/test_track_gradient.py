@@ -54,7 +54,8 @@ def test_tracks_the_ood_set_and_first_the_in_distribution_set(roots):
 
     for dataset in ("digits", "rademacher"):
         record = load(roots, "net", "max", dataset)
-        assert (record["method"], record["score"], record["dataset"], record["num_samples"]) == ("norm", "max", dataset, 7)
+        assert (record["method"], record["score"], record["dataset"], record["num_samples"]) == (
+            "norm", "max", dataset, 7)
         assert list(record["model"]) == [*MODEL_KEYS, CHECKPOINT_HASH_KEY]
         assert record["model"]["arch"] == "resnet20" and record["model"]["epoch"] == 1
         assert list(record["layers"]) == list(models.tracked_parameters(model))
@@ -114,7 +115,8 @@ def exit_message(script, roots: dict, capsys, *args: str) -> str:
 
 
 def test_a_missing_or_mismatched_checkpoint_names_the_command_that_makes_it(roots, capsys):
-    assert "train_energy.py --name=net" in exit_message(track_gradient, roots, capsys, "--name=net", "--dataset=gaussian")
+    message = exit_message(track_gradient, roots, capsys, "--name=net", "--dataset=gaussian")
+    assert "train_energy.py --name=net" in message
     make_checkpoint(roots["checkpoint"], "net")
     message = exit_message(track_gradient, roots, capsys, "--name=net", "--dataset=gaussian", "--model-arch=wrn40_2")
     assert "resnet20" in message and "--model-arch=wrn40_2" in message

@@ -11,8 +11,17 @@ from pathlib import Path
 
 from utils.combine import COMBINED_ROW
 from utils.detectors import DETECTORS, Detector
-from utils.metrics import (BASELINES, METRIC_TITLES, OOD_POSITIVE_FPR, RAW_VALUES_CONVENTION, average_table,
-                           metric_cell, metric_columns, table_protocol, write_json_and_csv)
+from utils.metrics import (
+    BASELINES,
+    METRIC_TITLES,
+    OOD_POSITIVE_FPR,
+    RAW_VALUES_CONVENTION,
+    average_table,
+    metric_cell,
+    metric_columns,
+    table_protocol,
+    write_json_and_csv,
+)
 
 SHOWN = ("FPR95", "AUROC")  # printed per OOD set (and FPR95 (OOD+) where asked); the CSV/JSON hold every metric
 CSV_KEYS = ("name", "kind", "row", "score", "ood_dataset")

@@ -17,8 +17,8 @@ the weight gradient dL/dW of each tracked layer. Each unit states:
 Adding a detector is one class here (and its test). Each sample's value is its batch-of-one value:
 nothing is ever averaged over a batch.
 """
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -5,12 +5,12 @@ describe (NCCL on CUDA, gloo on the CPU) and leaves it at the end. A plain ``pyt
 a one-process ``torchrun``, creates no process group and runs exactly as a single-process script.
 """
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler

@@ -1,8 +1,9 @@
 """Atomic writes: a result appears complete under its final name or not at all."""
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:

@@ -15,9 +15,9 @@ import csv
 import io
 import json
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -206,8 +206,8 @@ def detector_of(saved_form: str, score: str | None) -> Detector:
         return get_detector(score)
     if saved_form == "original_single" and score is None:
         return CONFOUNDING
-    raise ValueError(f"no detector (and so no score orientation) for saved_form={saved_form!r}, score={score!r}; known: "
-                     f"{', '.join(f'norm_single/{s}' for s in TRACK_GRADIENT_SCORES)}, original_single")
+    raise ValueError(f"no detector (and so no score orientation) for saved_form={saved_form!r}, score={score!r}; "
+                     f"known: {', '.join(f'norm_single/{s}' for s in TRACK_GRADIENT_SCORES)}, original_single")
 
 
 def score_sign(saved_form: str, score: str | None, flip: bool = False) -> int:

@@ -15,8 +15,8 @@ A rule, registered by layer type (``@norm_rule(nn.Linear)``), computes Σ |dL/dW
 every (row, sample): supporting a new layer type is one function. Each sample's gradient is that of a
 batch of one when the model is in eval mode (``eval_mode``).
 """
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F

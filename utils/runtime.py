@@ -3,7 +3,7 @@ on user errors."""
 import os
 import random
 import sys
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch

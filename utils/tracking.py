@@ -29,8 +29,16 @@ from utils.data import IN_DATASETS, OOD_DATASETS, check_dataset_name, dataset_av
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
 from utils.energy import energy_score
 from utils.errors import UserError
-from utils.gradients import (CHECKPOINT_HASH_KEY, MODEL_KEYS, GradientFileError, concatenate_records,
-                             gradient_path, load_gradients, new_record, save_gradients)
+from utils.gradients import (
+    CHECKPOINT_HASH_KEY,
+    MODEL_KEYS,
+    GradientFileError,
+    concatenate_records,
+    gradient_path,
+    load_gradients,
+    new_record,
+    save_gradients,
+)
 from utils.runtime import get_device, loader_workers, progress
 
 TRAIN_SPLIT = "train"  # --dataset train: the in-distribution training split, the combined detector's fit data

@@ -21,10 +21,11 @@ import csv
 import io
 import math
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +35,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 import models
 from utils import cli, distributed
-from utils.checkpoints import (TRAIN_COMMANDS, build_model, checkpoint_dir, describe_checkpoints,
-                               load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap)
+from utils.checkpoints import (
+    TRAIN_COMMANDS,
+    build_model,
+    checkpoint_dir,
+    describe_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
 from utils.data import NORMALIZATION, NUM_CLASSES, get_dataset
 from utils.errors import UserError
 from utils.io import atomic_write

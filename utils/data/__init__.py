@@ -5,10 +5,10 @@ themselves) and an int, -1 for every OOD and auxiliary set. ``train=False`` is d
 relative to the data root (default ``datasets``); ``datasets/README.md`` says what goes where.
 """
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from torch.utils.data import Dataset
 

@@ -1,7 +1,7 @@
 """What every loader shares: the label of unlabeled sets, arrays to tensors, augmentation, generated sets,
 and the "file not found" message."""
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

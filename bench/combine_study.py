@@ -11,7 +11,7 @@ For every detector tracked for a model, and every OOD set: the AUROC (%) of
   that no honest detector can claim;
 * MSP and Energy, from the same samples.
 
-    python docs/combine_study.py --gradient-root=demo_output/gradients --in-dataset=digits --name=energy --name=bce
+    python bench/combine_study.py --gradient-root=demo_output/gradients --in-dataset=digits --name=energy --name=bce
 """
 import argparse
 import sys
