@@ -55,6 +55,22 @@ def test_parts_concatenate_in_order():
                                   np.concatenate([p["extra"]["fc.weight:L1"] for p in parts]))
 
 
+def test_features_round_trip_and_concatenate(tmp_path):
+    """Per-sample vectors (N, D), e.g. penultimate features for the feature baselines, travel in the file."""
+    rng = np.random.default_rng(5)
+    parts = []
+    for n in (3, 2):
+        built = record("pred", n, n)
+        parts.append(new_record(MODEL, get_detector("pred"), "gaussian", built["layers"], {},
+                                features={"penultimate": rng.random((n, 4))},
+                                **{k: built[k] for k in PER_SAMPLE_KEYS}))
+    merged = concatenate_records(parts)
+    save_gradients(merged, tmp_path / "f.pkl")
+    loaded = load_gradients(tmp_path / "f.pkl")["features"]["penultimate"]
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, np.concatenate([p["features"]["penultimate"] for p in parts]))
+
+
 def test_a_file_of_the_seed_format_still_loads(tmp_path):
     """Files written before detectors had norms, extra rows and options: L2, nothing extra."""
     old = {key: value for key, value in record("min", 4, 0).items() if key not in ("norm", "extra", "options")}
@@ -68,6 +84,8 @@ def test_a_file_of_the_seed_format_still_loads(tmp_path):
     (lambda r: r.update(extra=[1, 2]), "'extra' must be a dict"),
     (lambda r: r["extra"].update(bad=np.ones(2)), r"extra\['bad'\] must be an array of shape \(4,\)"),
     (lambda r: r.update(score="odin"), "unknown score"),
+    (lambda r: r.update(features={"penultimate": np.ones(4)}), r"features\['penultimate'\] must be a float array"),
+    (lambda r: r.update(features={"penultimate": np.full((4, 2), np.nan)}), "NaN"),
 ])
 def test_a_malformed_record_is_refused_with_its_reason(tmp_path, change, message):
     bad = record("exgrad", 4, 0)

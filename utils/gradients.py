@@ -14,9 +14,11 @@ folder is ``original``), a pickled dict::
      "extra":   {"fc.weight:L1": float32[N]},        # further rows a detector defines (ExGrad's paper form)
      "options": {"temperature": 1.0},                # settings that change the values (GradNorm's T)
      "class":   int64[N],  "pred": int64[N],  "label": int64[N] (-1 for OOD),
-     "msp": float32[N],  "energy": float32[N]}       # output-based baselines, same pass
+     "msp": float32[N],  "energy": float32[N],       # output-based baselines, same pass
+     "features": {"penultimate": float32[N, D], ...}}  # per-sample vectors a detector or baseline fits on
 
-``norm``, ``extra`` and ``options`` are optional when reading (files of the seed's format are L2).
+``norm``, ``extra``, ``options`` and ``features`` are optional when reading (files of the seed's format
+are L2 and have none).
 
 It is written atomically and read back with a restricted unpickler that admits only builtin
 containers and numpy arrays, so a file from elsewhere cannot run code.
@@ -45,10 +47,13 @@ PER_SAMPLE_KEYS = {"total": np.float32, "class": np.int64, "pred": np.int64, "la
 
 
 def new_record(model: dict, detector: Detector, dataset: str, layers: dict[str, np.ndarray],
-               extra: dict[str, np.ndarray], **per_sample: np.ndarray) -> dict:
+               extra: dict[str, np.ndarray], features: dict[str, np.ndarray] | None = None,
+               **per_sample: np.ndarray) -> dict:
     """A record of ``detector``'s values on ``dataset`` in the format above, from per-sample arrays of any
-    numeric dtype (each is cast to the format's): ``layers``, ``extra`` and every key of ``PER_SAMPLE_KEYS``."""
-    return {"version": FORMAT_VERSION, "model": model, "method": detector.method,
+    numeric dtype (each is cast to the format's): ``layers``, ``extra``, ``features`` (N, D) and every key of
+    ``PER_SAMPLE_KEYS``."""
+    return {"features": {name: np.asarray(v, np.float32) for name, v in (features or {}).items()},
+            "version": FORMAT_VERSION, "model": model, "method": detector.method,
             "score": None if detector.method == "original" else detector.name, "dataset": dataset,
             "num_samples": len(per_sample["total"]), "norm": f"L{detector.norm}",
             "layers": {name: np.asarray(v, np.float32) for name, v in layers.items()},
@@ -61,7 +66,7 @@ def concatenate_records(records: list[dict]) -> dict:
     ``shard``, is the first record's."""
     merged = {key: value for key, value in records[0].items() if key != "shard"}
     merged["num_samples"] = sum(r["num_samples"] for r in records)
-    for group in ("layers", "extra"):
+    for group in ("layers", "extra", "features"):
         merged[group] = {name: np.concatenate([r[group][name] for r in records]) for name in merged.get(group, {})}
     merged.update({key: np.concatenate([r[key] for r in records]) for key in PER_SAMPLE_KEYS})
     return merged
@@ -99,7 +104,7 @@ def check_record(record: dict, source: str = "record") -> dict:
         fail(f"unknown score {record['score']!r}")
     if record.get("norm", "L2") not in NORMS:
         fail(f"unknown norm {record.get('norm')!r}")
-    for key in ("extra", "options"):
+    for key in ("extra", "options", "features"):
         if not isinstance(record.get(key, {}), dict):
             fail(f"'{key}' must be a dict")
     n = record["num_samples"]
@@ -117,6 +122,12 @@ def check_record(record: dict, source: str = "record") -> dict:
             fail(f"{key} has dtype {value.dtype}")
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             fail(f"{key} holds {int((~np.isfinite(value)).sum())} NaN or infinite value(s)")
+    for key, value in record.get("features", {}).items():
+        if not isinstance(value, np.ndarray) or value.ndim != 2 or len(value) != n or value.dtype.kind != "f":
+            fail(f"features[{key!r}] must be a float array of shape ({n}, D), got "
+                 f"{getattr(value, 'shape', type(value).__name__)}")
+        if not np.isfinite(value).all():
+            fail(f"features[{key!r}] holds NaN or infinite values")
     return record
 
 
