@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import cli, training
+from utils import cli, optim, training
 from utils.data import AUX_DATASETS, get_dataset
 from utils.energy import energy_regularizer, energy_score
 from utils.errors import UserError
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
 
         in_loader = run.loader(train_set, args.batch_size)
         out_loader = run.outlier_loader(aux_set, args.oe_batch_size, steps=len(in_loader))
-        optimizer = training.sgd(model, args.lr, args.weight_decay)
-        scheduler = training.cosine_schedule(optimizer, args.epochs * len(in_loader))
+        optimizer = optim.sgd(model, args.lr, args.weight_decay)
+        scheduler = optim.cosine_schedule(optimizer, args.epochs * len(in_loader))
         state, test_loader = run.resume(model, optimizer, scheduler), run.test_loader(test_set)
         if not run.announce(state, train_set, test_set, describe(args)):
             return

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import cli, training
+from utils import cli, optim, training
 from utils.runtime import run_script
 
 MILESTONES = (0.5, 0.75, 0.9)
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> None:
         model = run.model()
 
         loader = run.loader(train_set, args.batch_size)
-        optimizer = training.sgd(model, args.lr, args.weight_decay)
+        optimizer = optim.sgd(model, args.lr, args.weight_decay)
         milestones = [int(fraction * args.epochs) for fraction in MILESTONES]
-        scheduler = training.step_schedule(optimizer, milestones, steps_per_epoch=len(loader))
+        scheduler = optim.step_schedule(optimizer, milestones, steps_per_epoch=len(loader))
 
         state, test_loader = run.resume(model, optimizer, scheduler), run.test_loader(test_set)
         if not run.announce(state, train_set, test_set, "BCE loss (one sigmoid per class)"):

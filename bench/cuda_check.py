@@ -56,7 +56,7 @@ from track_bench import NUM_CLASSES, ceiling, engine, images, loop, make_model, 
 
 import models  # noqa: E402
 import train_energy  # noqa: E402
-from utils import training  # noqa: E402
+from utils import optim, training  # noqa: E402
 from utils.checkpoints import load_model  # noqa: E402
 from utils.detectors import CONFOUNDING, DETECTORS, Detector, Scores, gradient_scores, rows_per_sample  # noqa: E402
 from utils.distributed import all_reduce_sum  # noqa: E402
@@ -248,7 +248,7 @@ def step_rate(arch: str, device: torch.device, amp: torch.dtype | None, channels
     defaults = train_energy.parse_args(["--name=step"])
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = models.get_model(arch, NUM_CLASSES).to(device, memory_format=memory_format).train()
-    optimizer = training.sgd(model, defaults.lr, defaults.weight_decay)
+    optimizer = optim.sgd(model, defaults.lr, defaults.weight_decay)
     n_in, n_out = sizes.step_batch
     x_in, x_out = (images(n, str(device), seed).to(memory_format=memory_format) for n, seed in ((n_in, 4), (n_out, 5)))
     batch_in, batch_out = (x_in, torch.arange(n_in, device=device) % NUM_CLASSES), (x_out, None)

@@ -11,7 +11,7 @@ import torch
 
 import train_energy
 import train_original
-from utils import checkpoints, training
+from utils import checkpoints, run_folder
 from utils.checkpoints import load_model, unwrap
 from utils.errors import UserError
 
@@ -38,7 +38,7 @@ def train(script, root: Path, name: str, *extra: str, stop_after: int | None = N
             raise Interrupted
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "save_checkpoint", spy)
+        patch.setattr(run_folder, "save_checkpoint", spy)
         try:
             script.main([f"--name={name}", f"--checkpoint-root={root}", *TINY,
                          *(ENERGY if script is train_energy else []), *extra])

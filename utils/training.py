@@ -1,7 +1,8 @@
-"""What ``train_energy.py`` and ``train_original.py`` share: the arguments, data loaders, model, SGD and its
-schedules, the steps of an epoch (``Run.batches``, ``Run.autocast``, ``Run.step``, ``Run.end_epoch``),
-evaluation, logging, checkpoints and exact resumption (``Run.resume``). Each script writes its own epoch
-loop with its loss, in the open.
+"""What ``train_energy.py`` and ``train_original.py`` share: the arguments, data loaders, model, the steps of
+an epoch (``Run.batches``, ``Run.autocast``, ``Run.step``, ``Run.end_epoch``), evaluation and the epoch's
+means. Each script writes its own epoch loop with its loss, in the open; the optimizer and its schedules
+are in ``utils.optim``, the run's folder, checkpoints and exact resumption (``Run.resume``) in
+``utils.run_folder``.
 
 A run writes ``<checkpoint-root>/<in-dataset>/<name>/`` (layout in ``utils.checkpoints``): ``epoch_<N>.pt``
 every epoch, ``last.pt`` with the optimizer, scheduler, AMP-scaler and RNG states of every process,
@@ -17,9 +18,6 @@ the N processes' shares of a batch are together exactly the images one process w
 arguments (their random augmentations differ).
 """
 import argparse
-import csv
-import io
-import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,25 +32,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 import models
-from utils import cli, distributed
-from utils.checkpoints import (
-    TRAIN_COMMANDS,
-    build_model,
-    checkpoint_dir,
-    describe_checkpoints,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    unwrap,
-)
+from utils import cli, distributed, run_folder
+from utils.checkpoints import build_model, checkpoint_dir, load_checkpoint, unwrap
 from utils.data import NORMALIZATION, NUM_CLASSES, get_dataset
 from utils.errors import UserError
-from utils.io import atomic_write
+from utils.run_folder import TrainState
 from utils.runtime import get_device, loader_workers, progress, seed_everything
-
-# Arguments that may change between a run and its --resume: where things are, not what is trained.
-OPERATIONAL_ARGS = ("gpu", "workers", "data_root", "checkpoint_root", "resume", "overwrite", "amp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,28 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "--checkpoint-root and --amp may change)")
     group.add_argument("--overwrite", action="store_true",
                        help="delete the run's earlier checkpoints and logs and start over")
-
-
-def sgd(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with Nesterov momentum 0.9 on every parameter, as in Outlier Exposure and energy_ood."""
-    return torch.optim.SGD(model.parameters(), lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, lr_min: float = 1e-6) -> LambdaLR:
-    """energy_ood's per-step cosine annealing from the initial ``lr`` down to ``lr_min`` at ``total_steps``:
-    ``lr_t = lr_min + (lr - lr_min) · ½ (1 + cos(π t / total_steps))`` (Loshchilov & Hutter, SGDR, ICLR 2017)."""
-    lr = optimizer.param_groups[0]["lr"]
-    def factor(step: int) -> float:
-        return (lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * step / total_steps))) / lr
-
-    return LambdaLR(optimizer, factor)
-
-
-def step_schedule(optimizer: torch.optim.Optimizer, milestones: Sequence[int], steps_per_epoch: int,
-                  gamma: float = 0.1) -> LambdaLR:
-    """The learning rate times ``gamma`` from each epoch in ``milestones`` (0-based: the first epoch that
-    trains with the lower rate) on; stepped per optimizer step like ``cosine_schedule``."""
-    return LambdaLR(optimizer, lambda step: gamma ** sum(step >= m * steps_per_epoch for m in milestones))
 
 
 @dataclass
@@ -154,22 +117,7 @@ class Run:
         checkpoint file ``pretrained``, or the run's own architecture when resuming; wrapped in
         DistributedDataParallel under torchrun."""
         args = self.args
-        if self.checkpoint:  # resuming: resume() loads the weights from last.pt
-            spec = self.checkpoint["meta"]
-            net = build_model(spec)
-        elif pretrained:
-            checkpoint = load_checkpoint(pretrained)
-            spec = checkpoint["meta"]
-            if (spec["in_dataset"], spec["arch"]) != (args.in_dataset, args.model_arch):
-                raise UserError(f"--pretrained {pretrained} is a {spec['arch']} trained on {spec['in_dataset']}; "
-                                f"pass --in-dataset={spec['in_dataset']} --model-arch={spec['arch']} to fine-tune it.")
-            net = build_model(spec)
-            net.load_state_dict(checkpoint["state_dict"])
-        else:
-            mean, std = NORMALIZATION[args.in_dataset]
-            spec = {"arch": args.model_arch, "num_classes": NUM_CLASSES[args.in_dataset],
-                    "mean": list(mean), "std": list(std), "arch_kwargs": {}}
-            net = build_model(spec)
+        spec, net = model_spec(args, self.checkpoint, pretrained)
         self.meta = {"name": args.name, "arch": spec["arch"], "in_dataset": args.in_dataset,
                      "num_classes": spec["num_classes"], "mean": list(spec["mean"]), "std": list(spec["std"]),
                      "arch_kwargs": dict(spec.get("arch_kwargs", {})), "loss": self.loss, "args": dict(vars(args))}
@@ -197,14 +145,14 @@ class Run:
         return DataLoader(dataset, local, sampler=sampler, num_workers=self.workers,
                           pin_memory=self.device.type == "cuda")
 
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> "TrainState":
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR) -> TrainState:
         """Where training starts: epoch 0 with an empty log, or, with ``--resume``, ``last.pt`` loaded into the
         model, optimizer, scheduler, AMP scaler and random states. The scaler does loss scaling for fp16 AMP."""
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        epoch, history = self._restore(model, optimizer, scheduler, scaler) if self.checkpoint else (0, [])
+        epoch, history = run_folder.restore(self, model, optimizer, scheduler, scaler) if self.checkpoint else (0, [])
         return TrainState(epoch, history, scaler)
 
-    def announce(self, state: "TrainState", train_set: Dataset, test_set: Dataset, description: str) -> bool:
+    def announce(self, state: TrainState, train_set: Dataset, test_set: Dataset, description: str) -> bool:
         """Say what is trained; False when every epoch is already done (nothing to train)."""
         if state.epoch >= self.args.epochs:
             self.print(f"{self.directory} has already trained all {self.args.epochs} epochs; nothing to do.")
@@ -226,7 +174,7 @@ class Run:
         self._bar = progress(zip(*loaders), total=len(loaders[0]), desc=f"epoch {epoch + 1}/{self.args.epochs}",
                              disable=not self.is_main, leave=False, dynamic_ncols=True)
         for batches in self._bar:
-            yield [self._to_device(batch) for batch in batches]
+            yield [self.to_device(batch) for batch in batches]
         self._bar.close()
 
     def autocast(self) -> torch.autocast:
@@ -234,7 +182,7 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-             state: "TrainState") -> None:
+             state: TrainState) -> None:
         """One optimizer step on ``loss`` (scaled for fp16), then one scheduler step."""
         optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
@@ -246,64 +194,56 @@ class Run:
         state.steps += 1
 
     def end_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-                  state: "TrainState", row: dict, test_loader: DataLoader) -> None:
+                  state: TrainState, row: dict, test_loader: DataLoader) -> None:
         """Complete the epoch's log ``row`` with the test accuracy and the seconds since ``row["started"]``,
         print it, and save the checkpoint with everything ``--resume`` needs."""
         started = row.pop("started")
-        row["test_acc"] = self.evaluate(model, test_loader)
+        row["test_acc"] = test_accuracy(self, model, test_loader)
         row["seconds"] = time.time() - started
         state.history.append(row)
         state.epoch = row["epoch"]
         self.print(f"epoch {row['epoch']}/{self.args.epochs}  " + "  ".join(
             f"{key} {value:.4g}" for key, value in row.items() if key != "epoch"))
-        self._save(model, optimizer, scheduler, state.scaler, state.history)
+        run_folder.save_epoch(self, model, optimizer, scheduler, state)
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> float:
-        """Accuracy (%) on the test images, each process scoring its share."""
-        net = unwrap(model).eval()
-        accuracy = EpochMeans(self.device)
-        for batch in loader:
-            images, labels = self._to_device(batch)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = net(images)
-            accuracy.add("test_acc", 100 * (logits.argmax(1) == labels).sum(), len(labels))
-        return accuracy.reduce()["test_acc"]
-
-    def _to_device(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
         return (images.to(self.device, non_blocking=True, memory_format=self.memory_format),
                 labels.to(self.device, non_blocking=True))
 
-    def _save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-              scaler: torch.amp.GradScaler, history: list[dict]) -> None:
-        rng_states = distributed.all_gather_object(rng_state(self.device))
-        if not self.is_main:
-            return
-        meta = {**self.meta, "epoch": history[-1]["epoch"]}
-        train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "scaler": scaler.state_dict(), "rng": rng_states, "history": history}
-        save_checkpoint(self.directory, model, meta, train_state)
-        _write_log(self.directory / "log.csv", history)
+@torch.no_grad()
+def test_accuracy(run: Run, model: nn.Module, loader: DataLoader) -> float:
+    """Accuracy (%) on the test images, each process scoring its share."""
+    net = unwrap(model).eval()
+    accuracy = EpochMeans(run.device)
+    for batch in loader:
+        images, labels = run.to_device(batch)
+        with run.autocast():
+            logits = net(images)
+        accuracy.add("test_acc", 100 * (logits.argmax(1) == labels).sum(), len(labels))
+    return accuracy.reduce()["test_acc"]
 
-    def _restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-                 scaler: torch.amp.GradScaler) -> tuple[int, list[dict]]:
-        """Load ``last.pt`` into the model and training state; returns (epochs done, log so far)."""
-        checkpoint, epoch = self.checkpoint, self.checkpoint["meta"]["epoch"]
-        unwrap(model).load_state_dict(checkpoint["state_dict"])
-        state = checkpoint["train_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler.is_enabled() and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        if len(state["rng"]) == self.dist.world_size:
-            set_rng_state(state["rng"][self.dist.rank], self.device)
-        else:
-            self.print(f"note: resuming a {len(state['rng'])}-process run on {self.dist.world_size} process(es); "
-                       f"the random streams from here on differ from an uninterrupted run.")
-            seed_everything(self.args.seed + 1000 * epoch + self.dist.rank)
-        self.print(f"resuming {self.directory / 'last.pt'} after epoch {epoch}")
-        return epoch, list(state["history"])
+
+def model_spec(args: argparse.Namespace, checkpoint: dict | None, pretrained: str | None
+               ) -> tuple[dict, nn.Module]:
+    """What a run trains, as (spec, model): the run's own architecture when resuming (``resume`` loads the
+    weights), the checkpoint file ``pretrained`` with its weights, or a fresh ``--model-arch`` with the
+    in-dataset's normalisation."""
+    if checkpoint:
+        return checkpoint["meta"], build_model(checkpoint["meta"])
+    if pretrained:
+        saved = load_checkpoint(pretrained)
+        spec = saved["meta"]
+        if (spec["in_dataset"], spec["arch"]) != (args.in_dataset, args.model_arch):
+            raise UserError(f"--pretrained {pretrained} is a {spec['arch']} trained on {spec['in_dataset']}; "
+                            f"pass --in-dataset={spec['in_dataset']} --model-arch={spec['arch']} to fine-tune it.")
+        net = build_model(spec)
+        net.load_state_dict(saved["state_dict"])
+        return spec, net
+    mean, std = NORMALIZATION[args.in_dataset]
+    spec = {"arch": args.model_arch, "num_classes": NUM_CLASSES[args.in_dataset],
+            "mean": list(mean), "std": list(std), "arch_kwargs": {}}
+    return spec, build_model(spec)
 
 
 @contextmanager
@@ -314,72 +254,14 @@ def start(args: argparse.Namespace, loss: str) -> Iterator[Run]:
     device = get_device(args.gpu)
     if context.enabled and device.type == "cuda":
         device = torch.device("cuda", context.local_rank)
-    _check_arguments(args, context, device)
+    run_folder.check_arguments(args, context, device)
     with distributed.process_group(context, device):
         directory = checkpoint_dir(args.in_dataset, args.name, args.checkpoint_root)
-        checkpoint = _prepare_directory(directory, args, loss, context)
+        checkpoint = run_folder.prepare_directory(directory, args, loss, context)
         seed_everything(args.seed + context.rank)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         yield Run(args, loss, context, device, directory, checkpoint)
-
-
-def _check_arguments(args: argparse.Namespace, context: distributed.Context, device: torch.device) -> None:
-    for option in ("epochs", "batch_size", "oe_batch_size", "limit"):
-        value = getattr(args, option, None)
-        if value is not None and value < 1:
-            raise UserError(f"--{option.replace('_', '-')} must be positive, got {value}.")
-    for option in ("batch_size", "oe_batch_size"):
-        value = getattr(args, option, None)
-        if value is not None and value % context.world_size:
-            raise UserError(f"--{option.replace('_', '-')}={value} is the global batch and must split evenly "
-                            f"over the {context.world_size} processes.")
-    if args.sync_bn and context.enabled and device.type != "cuda":
-        raise UserError("--sync-bn needs CUDA (SyncBatchNorm has no CPU implementation); drop it on the CPU.")
-    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp=fp16 or --amp=off.")
-
-
-def _prepare_directory(directory: Path, args: argparse.Namespace, loss: str,
-                       context: distributed.Context) -> dict | None:
-    """Check the checkpoint folder against ``--resume``/``--overwrite``; returns ``last.pt`` when resuming."""
-    last = directory / "last.pt"
-    trained = sorted(p.name for p in directory.glob("epoch_*.pt")) + (["last.pt"] if last.is_file() else [])
-    if args.resume:
-        if not last.is_file():
-            raise UserError(f"nothing to resume: {last} does not exist; start the run without --resume.")
-        checkpoint = load_checkpoint(last)
-        _check_same_run(checkpoint["meta"], args, loss, last)
-        return checkpoint
-    if trained and not args.overwrite:
-        raise UserError(f"{directory} already holds a trained model ({describe_checkpoints(directory)}); continue it "
-                        f"with --resume or start over with --overwrite.")
-    if trained and context.is_main:
-        for name in trained + ["meta.json", "log.csv"]:
-            (directory / name).unlink(missing_ok=True)
-    return None
-
-
-def _check_same_run(meta: dict, args: argparse.Namespace, loss: str, path: Path) -> None:
-    if meta.get("loss") != loss:
-        raise UserError(f"{path} was trained with the {meta.get('loss')} loss; resume it with "
-                        f"{TRAIN_COMMANDS.get(meta.get('loss'), 'its own script')}.")
-    saved, given = meta.get("args", {}), vars(args)
-    differences = [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the run, {given.get(key)!r} now"
-                   for key in sorted(set(saved) | set(given))
-                   if key not in OPERATIONAL_ARGS and saved.get(key) != given.get(key)]
-    if differences:
-        raise UserError(f"--resume continues {path} with its own arguments (see meta.json next to it), but these "
-                        f"differ: {'; '.join(differences)}. Repeat the run's arguments, or start a new run.")
-
-
-@dataclass
-class TrainState:
-    """How far a run has come: epochs done, the log rows so far, the AMP loss scaler, steps this session."""
-    epoch: int
-    history: list[dict]
-    scaler: torch.amp.GradScaler
-    steps: int = 0
 
 
 class EpochMeans:
@@ -407,12 +289,3 @@ class EpochMeans:
         totals = torch.stack([self.totals[key] for key in keys])
         totals, counts = distributed.all_reduce_sum(torch.stack([totals, counts])).tolist()
         return {key: total / count for key, total, count in zip(keys, totals, counts)}
-
-
-def _write_log(path: Path, history: list[dict]) -> None:
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, columns)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
