@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import import_checkpoint
 import track_gradient
+import track_gradient_original
 import train_energy
 from utils.checkpoints import load_checkpoint, load_model
 from utils.gradients import gradient_path, load_gradients
@@ -333,11 +334,16 @@ def test_an_imported_model_is_tracked_and_fine_tunable(tmp_path, root, capsys):
     assert checkpoint["meta"]["arch"] == "resnet20" and checkpoint["meta"]["in_dataset"] == "digits"
 
 
-def test_train_energy_fine_tunes_an_imported_model(tmp_path, root):
-    """energy_ood's recipe from a released model: train_energy.py --pretrained=<imported last.pt> with its margins."""
+def test_train_energy_fine_tunes_an_imported_model(tmp_path, root, capsys):
+    """energy_ood's recipe from a released model: train_energy.py --pretrained=<imported last.pt> with its margins.
+    The imported cross-entropy model also draws track_gradient_original.py's mismatch warning."""
     path = tmp_path / "epoch_100.pth"
     torch.save(resnet_state(10, RESNET20, "linear", option_b=False), path)
     assert run_import(root, str(path), "--source=origin", "--in-dataset=digits", "--name=imp", "--loss=ce") == 0
+    run_script(lambda: track_gradient_original.main([
+        "--name=imp", "--in-dataset=digits", "--dataset=gaussian", "--limit=2", "--gpu=-1", "--workers=0",
+        f"--checkpoint-root={root}", f"--gradient-root={tmp_path / 'gradients'}", f"--data-root={tmp_path}"]))
+    assert "trained with cross-entropy (loss 'ce')" in capsys.readouterr().err
     run_script(lambda: train_energy.main([
         "--name=ft", f"--pretrained={root / 'digits' / 'imp' / 'last.pt'}", "--in-dataset=digits",
         "--model-arch=resnet20", "--aux-dataset=sample_photos", "--m_in=-23", "--m_out=-5", "--epochs=1",
