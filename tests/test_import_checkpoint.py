@@ -195,12 +195,14 @@ def root(tmp_path):
 @pytest.mark.parametrize("in_dataset, data_parallel, counters", [("CIFAR-10", False, True),
                                                                    ("CIFAR-100", True, False)])
 def test_oe_wrn_imports_exactly(tmp_path, root, in_dataset, data_parallel, counters):
-    """OE/energy_ood's WRN-40-2, bare (as --ngpu=1 saves it) or with DataParallel's module. prefixes, with or
-    without the BatchNorm counters that files of PyTorch < 0.4.1 lack; OE's normalisation for CIFAR-100 too."""
+    """OE/energy_ood's WRN-40-2, bare (as --ngpu=1 saves it) or with DataParallel's module. prefixes; with the
+    BatchNorm counters, or without them and in the pre-1.6 serialisation, as PyTorch 0.4.0 wrote OE's files; OE's
+    normalisation for CIFAR-100 too."""
     classes = 10 if in_dataset == "CIFAR-10" else 100
     state = oe_wrn_state(classes, counters=counters)
     path = tmp_path / "cifar_wrn_pretrained_epoch_99.pt"
-    torch.save({f"module.{k}" if data_parallel else k: v for k, v in state.items()}, path)
+    torch.save({f"module.{k}" if data_parallel else k: v for k, v in state.items()}, path,
+               _use_new_zipfile_serialization=counters)
 
     assert run_import(root, str(path), "--source=oe", f"--in-dataset={in_dataset}", "--name=oe") == 0
     model, meta = load_model(in_dataset, "oe", root=root)
@@ -298,6 +300,17 @@ def test_wrong_classes_corrupt_and_foreign_files_are_one_paragraph_errors(tmp_pa
     assert "not a dict of tensors" in capsys.readouterr().err
     assert run_import(root, str(tmp_path / "missing.pt"), "--source=oe", "--name=x") == 2
     assert "not found" in capsys.readouterr().err
+
+    resnet18 = tmp_path / "best.ckpt"
+    torch.save(resnet_state(10, RESNET18, "fc", option_b=True), resnet18)
+    assert run_import(root, str(resnet18), "--source=openood", "--name=x", "--in-dataset=digits") == 2
+    assert "normalisation constants for CIFAR-10, CIFAR-100 only, not digits" in capsys.readouterr().err
+    assert run_import(root, str(resnet18), "--source=openood", "--name=x", "--mean", "0", "0", "0") == 2
+    assert "pass --mean and --std together" in capsys.readouterr().err
+    ours = tmp_path / "last.pt"
+    torch.save({"state_dict": {}, "meta": {}}, ours)
+    assert run_import(root, str(ours), "--source=oe", "--name=x") == 2
+    assert "already a checkpoint of these scripts" in capsys.readouterr().err
     assert not root.exists()
 
 

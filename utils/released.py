@@ -129,8 +129,9 @@ def strip_wrappers(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
              if key.startswith("mask_")}
     plain = {key.removeprefix("model."): value for key, value in plain.items() if not key.startswith("mask_")}
     for name, mask in masks.items():
-        if name not in plain:
-            raise UserError(f"the file holds a pruning mask for {name!r} but no such weight.")
+        if name not in plain or plain[name].shape != mask.shape:
+            raise UserError(f"the file holds a pruning mask of shape {tuple(mask.shape)} for {name!r}, but "
+                            f"{'no such weight' if name not in plain else 'a weight of another shape'}.")
         plain[name] = plain[name] * mask.to(plain[name].dtype)
     return plain, len(masks)
 
@@ -208,6 +209,6 @@ def convert(path: str | Path, source_name: str, in_dataset: str, arch: str | Non
                   ("shapes differ", shapes))
                  if keys]
         reports.append(f"as {name} — {'; '.join(parts)}")
-    raise UserError(f"{path} does not map onto {' or '.join(candidates)} (--source={source_name}, keys after "
-                    f"renaming them as {source.repository} names them): {' | '.join(reports)}. Check --source "
+    raise UserError(f"{path} does not map onto {' or '.join(candidates)} (--source={source_name}: its keys "
+                    f"renamed from {source.repository}'s names to ours): {' | '.join(reports)}. Check --source "
                     f"and --model-arch (the source publishes {', '.join(source.archs)}); nothing was written.")
