@@ -179,7 +179,8 @@ def convert(path: str | Path, source_name: str, in_dataset: str, arch: str | Non
     if "fc.weight" not in state or state["fc.weight"].dim() != 2:
         raise UserError(f"{path} has no classifier weight that --source={source_name} names "
                         f"{'linear' if source_name == 'origin' else 'fc'}.weight; its keys begin "
-                        f"{_listing(list(state), 4)}. Is it a file of another source?")
+                        f"{_listing(list(state), 4)}. Is it a file of another source, or another architecture than "
+                        f"{', '.join(source.archs)}?")
     num_classes = state["fc.weight"].shape[0]
     if num_classes != NUM_CLASSES[in_dataset]:
         raise UserError(f"{path} classifies {num_classes} classes, but {in_dataset} has {NUM_CLASSES[in_dataset]}; "
