@@ -280,7 +280,7 @@ def _warn_on_a_loss_mismatch(loss: str | None, script: str) -> None:
     if loss == "bce" and script == "track_gradient.py":
         print("warning: this model was trained with one sigmoid per class (train_original.py); its "
               "confounding-label gradients are tracked by track_gradient_original.py", file=sys.stderr)
-    elif loss == "energy" and script == "track_gradient_original.py":
-        print("warning: this model was trained with cross-entropy (train_energy.py); the confounding label "
+    elif loss in ("energy", "ce", "oe") and script == "track_gradient_original.py":  # "ce", "oe": imported
+        print(f"warning: this model was trained with cross-entropy (loss {loss!r}); the confounding label "
               "is meant for a BCE model (train_original.py), and track_gradient.py tracks its cross-entropy "
               "gradients", file=sys.stderr)
