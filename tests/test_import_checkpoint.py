@@ -351,7 +351,7 @@ def test_train_energy_fine_tunes_an_imported_model(tmp_path, root, capsys):
     """energy_ood's recipe from a released model: train_energy.py --pretrained=<imported last.pt> with its margins.
     The imported cross-entropy model also draws track_gradient_original.py's mismatch warning."""
     path = tmp_path / "epoch_100.pth"
-    torch.save(resnet_state(10, RESNET20, "linear", option_b=False), path)
+    torch.save(resnet_state(10, [(16, 5), (32, 5), (64, 5)], "linear", option_b=False), path)  # ResNet-32
     assert run_import(root, str(path), "--source=origin", "--in-dataset=digits", "--name=imp", "--loss=ce") == 0
     run_script(lambda: track_gradient_original.main([
         "--name=imp", "--in-dataset=digits", "--dataset=gaussian", "--limit=2", "--gpu=-1", "--workers=0",
@@ -359,8 +359,9 @@ def test_train_energy_fine_tunes_an_imported_model(tmp_path, root, capsys):
     assert "trained with cross-entropy (loss 'ce')" in capsys.readouterr().err
     run_script(lambda: train_energy.main([
         "--name=ft", f"--pretrained={root / 'digits' / 'imp' / 'last.pt'}", "--in-dataset=digits",
-        "--model-arch=resnet20", "--aux-dataset=sample_photos", "--m_in=-23", "--m_out=-5", "--epochs=1",
+        "--aux-dataset=sample_photos", "--m_in=-23", "--m_out=-5", "--epochs=1",
         "--limit=16", "--batch-size=16", "--oe-batch-size=16", "--gpu=-1", "--workers=0",
         f"--checkpoint-root={root}", f"--data-root={tmp_path / 'datasets'}"]))
     meta = json.loads((root / "digits" / "ft" / "meta.json").read_text())
-    assert (meta["arch"], meta["loss"], meta["epoch"], meta["args"]["lr"]) == ("resnet20", "energy", 1, 0.001)
+    # the architecture comes from the file (no --model-arch given)
+    assert (meta["arch"], meta["loss"], meta["epoch"], meta["args"]["lr"]) == ("resnet32", "energy", 1, 0.001)

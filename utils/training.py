@@ -39,13 +39,16 @@ from utils.errors import UserError
 from utils.run_folder import TrainState
 from utils.runtime import get_device, loader_workers, progress, seed_everything
 
+DEFAULT_ARCH = "resnet20"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options both training scripts take (each script adds ``--epochs``, ``--lr``, ``--weight-decay``
     and its loss's options)."""
     parser.add_argument("--name", required=True,
                         help="run name: checkpoints go to <checkpoint-root>/<in-dataset>/<name>/")
-    parser.add_argument("--model-arch", default="resnet20", choices=models.ARCHS, help="the architecture")
+    parser.add_argument("--model-arch", choices=models.ARCHS,
+                        help=f"the architecture (default: {DEFAULT_ARCH}, or the --pretrained file's)")
     cli.add_in_dataset(parser)
     parser.add_argument("--batch-size", type=int, default=128,
                         help="in-distribution batch size, global: split evenly over torchrun's processes")
@@ -234,14 +237,14 @@ def model_spec(args: argparse.Namespace, checkpoint: dict | None, pretrained: st
     if pretrained:
         saved = load_checkpoint(pretrained)
         spec = saved["meta"]
-        if (spec["in_dataset"], spec["arch"]) != (args.in_dataset, args.model_arch):
+        if spec["in_dataset"] != args.in_dataset or args.model_arch not in (None, spec["arch"]):
             raise UserError(f"--pretrained {pretrained} is a {spec['arch']} trained on {spec['in_dataset']}; "
                             f"pass --in-dataset={spec['in_dataset']} --model-arch={spec['arch']} to fine-tune it.")
         net = build_model(spec)
         net.load_state_dict(saved["state_dict"])
         return spec, net
     mean, std = NORMALIZATION[args.in_dataset]
-    spec = {"arch": args.model_arch, "num_classes": NUM_CLASSES[args.in_dataset],
+    spec = {"arch": args.model_arch or DEFAULT_ARCH, "num_classes": NUM_CLASSES[args.in_dataset],
             "mean": list(mean), "std": list(std), "arch_kwargs": {}}
     return spec, build_model(spec)
 
