@@ -55,7 +55,12 @@ def engine(model: nn.Module, x: torch.Tensor, p: int = 2) -> tuple[torch.Tensor,
     return torch.stack(list(norms.values()), 2).transpose(0, 1), logits  # (N, K + 1, L)
 
 
-@pytest.fixture(scope="module", params=[(arch, dtype) for arch in ("resnet20", "wrn40_2")
+# WRN-40-2's plain loop takes tens of seconds: its cases run in the full suite, not the fast loop.
+ARCHS = ["resnet20", pytest.param("wrn40_2", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module", params=[pytest.param((arch, dtype), marks=pytest.mark.slow if arch == "wrn40_2" else ())
+                                        for arch in ("resnet20", "wrn40_2")
                                         for dtype in (torch.float64, torch.float32)],
                 ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}")
 def case(request):
@@ -82,7 +87,7 @@ def test_every_class_and_layer_matches_the_loop(case):
     torch.testing.assert_close(engine_logits, logits)
 
 
-@pytest.mark.parametrize("arch", ["resnet20", "wrn40_2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_l1_norms_of_every_class_and_layer_match_the_loop(arch):
     model = calibrated_model(arch, torch.float64)
     x = torch.rand(NUM_IMAGES, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
