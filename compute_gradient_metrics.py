@@ -18,9 +18,9 @@ detector, ``<detector>_layers.png``).
 ``--protocol=energy_ood`` evaluates as energy_ood's and Outlier Exposure's ``test.py`` (10 seeded draws of a
 fifth of the ID set's size from each OOD set, mean ± std); ``--ood-positive`` adds OpenOOD's FPR95 (OOD+).
 
-Conventions (``utils/metrics.py``): ID is the positive class and the score is higher for ID, each detector's
-sign from ``utils/detectors.py``: −norm for ``norm_single`` with ``min``/``pred``/``exgrad``, +norm with
-``max``/``gradnorm`` and for ``original_single``; ``--flip`` inverts it.
+Conventions (``utils/tables.py``, ``utils/metrics.py``): ID is the positive class and the score is higher for
+ID, each detector's sign from ``utils/detectors.py``: −norm for ``norm_single`` with ``min``/``pred``/``exgrad``,
++norm with ``max``/``gradnorm`` and for ``original_single``; ``--flip`` inverts it.
 """
 import argparse
 from pathlib import Path
@@ -34,10 +34,11 @@ from utils.data import check_dataset_name
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector
 from utils.errors import UserError
 from utils.gradients import GRADIENT_ROOT, GradientFileError, gradient_path, load_gradients, ood_dataset_names
-from utils.metrics import (
-    PROTOCOLS,
+from utils.metrics import PROTOCOLS, Protocol
+from utils.plots import plot_detection, plot_layer_auroc
+from utils.runtime import run_script
+from utils.tables import (
     SAVED_FORMS,
-    Protocol,
     average_table,
     baseline_scores,
     best_and_worst_layers,
@@ -47,8 +48,6 @@ from utils.metrics import (
     score_sign,
     write_table,
 )
-from utils.plots import plot_detection, plot_layer_auroc
-from utils.runtime import run_script
 from utils.tracking import TRAIN_SPLIT
 
 

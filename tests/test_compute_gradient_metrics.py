@@ -14,7 +14,8 @@ import compute_gradient_metrics
 from utils.detectors import get_detector
 from utils.errors import UserError
 from utils.gradients import GradientFileError, gradient_path, load_gradients, new_record, save_gradients
-from utils.metrics import METRICS, detection_score, ood_metrics
+from utils.metrics import METRICS, ood_metrics
+from utils.tables import detection_score
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("conv1.weight", "layer1.0.conv1.weight", "layer1.0.conv2.weight", "fc.weight")

@@ -1,6 +1,6 @@
 """One table of every tracked detector beside the baselines: which detector wins on which OOD set.
 
-``comparison_table`` takes each detector's detection tables (``utils.metrics.detection_table``, one per OOD
+``comparison_table`` takes each detector's detection tables (``utils.tables.detection_table``, one per OOD
 set) and keeps one row per detector, its headline score (``Detector.headline_row``: ``total``, the last
 layer or an extra row such as ExGrad's ``fc.weight:L1``), its ``combined`` row where the tables have one
 (``utils.combine``: fit on training images only), and the output-based baselines (MSP, Energy) once,
@@ -11,10 +11,10 @@ from pathlib import Path
 
 from utils.combine import COMBINED_ROW
 from utils.detectors import DETECTORS, Detector
-from utils.metrics import (
+from utils.metrics import OOD_POSITIVE_FPR
+from utils.tables import (
     BASELINES,
     METRIC_TITLES,
-    OOD_POSITIVE_FPR,
     RAW_VALUES_CONVENTION,
     average_table,
     metric_cell,
