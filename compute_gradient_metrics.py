@@ -4,12 +4,14 @@
     python compute_gradient_metrics.py --name=resnet_bce --saved_form=original_single --dataset=all --plot
     python compute_gradient_metrics.py --name=resnet --compare --plot
     python compute_gradient_metrics.py --name=resnet --compare --protocol=energy_ood --ood-positive
+    python compute_gradient_metrics.py --name=resnet --compare --layers=last
 
 reads ``<gradient root>/<in-dataset>/<name>/<score or "original">/<in-dataset>.pkl`` (the ID test set) and
 the OOD set's file beside it (``--dataset all``: every other ``*.pkl`` there), prints one table per OOD set
 (and their average) — every tracked layer, ``total``, and the MSP / Energy baselines of the same samples —
 and writes it to ``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip][-energy_ood]/<dataset>.json|csv``.
 
+``--layers last`` reads the files of ``track_gradient.py --layers=last`` (``<score>-last/``) instead.
 ``--compare`` reads every detector tracked for the model (each folder under ``<gradient root>/<in-dataset>/<name>/``
 named after one) and prints one row per detector, its headline score, and the baselines once, per OOD set
 and their average, sorted by average AUROC; written to ``.../<name>/compare[-flip][-energy_ood]/comparison.json|csv``.
@@ -20,7 +22,8 @@ fifth of the ID set's size from each OOD set, mean ± std); ``--ood-positive`` a
 
 Conventions (``utils/metrics.py``): ID is the positive class and the score is higher for ID, each detector's
 sign from ``utils/detectors.py``: −norm for ``norm_single`` with ``min``/``pred``/``exgrad``, +norm with
-``max``/``gradnorm`` and for ``original_single``; ``--flip`` inverts it.
+``max``/``gradnorm`` and for ``original_single``, +value for ``odin`` (its values are the perturbed max
+softmax, not norms); ``--flip`` inverts it.
 """
 import argparse
 from pathlib import Path

@@ -16,6 +16,11 @@ the weight gradient dL/dW of each tracked layer. Each unit states:
 
 Adding a detector is one class here (and its test). Each sample's value is its batch-of-one value:
 nothing is ever averaged over a batch.
+
+Two ways out of the engine: a ``separate_pass`` detector computes its values itself (``scores``; ODIN
+differentiates with respect to the input and runs a second forward pass), and ``on_last_layer()`` gives a
+detector that tracks only the last Linear layer, computed from the penultimate features with no backward pass
+(``last_layer_scores``; ``--layers last``: its files say so in ``options`` and live in ``<name>-last/``).
 """
 import copy
 from collections.abc import Iterator, Sequence
