@@ -46,13 +46,13 @@ def model(request):
 @pytest.mark.parametrize("temperature, epsilon", [(1000.0, 0.0014), (1.0, 0.01)])
 def test_odin_equals_the_official_path_through_the_normalised_image(model, temperature, epsilon):
     """The batched step of ε on [0, 1] images equals the official code's step of ε/σ on normalised images, with
-    its backward() to the normalised input; a step of ε in normalised units would not."""
+    its backward() to the normalised input; the official ε/σ copied onto [0, 1] images would not."""
     detector = get_detector("odin", odin_temperature=temperature, epsilon=epsilon)
     x = images(3, 1)
     _, scores = gradient_scores(model, x, [detector])
     for i, image in enumerate(x):
         assert_matches(as_rows(scores["odin"], i), detector.reference(model, image), 1e-10)
-    _, misread = gradient_scores(model, x, [ODIN(temperature, epsilon / CIFAR_STD[0])])  # ε in normalised units
+    _, misread = gradient_scores(model, x, [ODIN(temperature, epsilon / CIFAR_STD[0])])
     assert not torch.allclose(misread["odin"].total, scores["odin"].total, rtol=1e-6, atol=0)
 
 
