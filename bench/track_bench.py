@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from utils.detectors import DETECTORS, TRACK_GRADIENT_SCORES, Detector, gradient_scores, rows_per_sample  # noqa: E402
+from utils.per_sample import tf32_mode  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -80,8 +81,8 @@ def engine(model: nn.Module, x: torch.Tensor, detectors: list[Detector]) -> None
 
 
 def forward(model: nn.Module, x: torch.Tensor) -> None:
-    """A plain batched forward pass: what ``--layers last`` is measured against."""
-    with torch.no_grad():
+    """A plain batched forward pass: what ``--layers last`` is measured against (TF32 off, as in tracking)."""
+    with torch.no_grad(), tf32_mode(False):
         model(x)
 
 

@@ -218,9 +218,10 @@ def test_odin_reads_in_the_per_layer_tables_and_the_comparison(roots, capsys):
     make_checkpoint(roots["checkpoint"], "net")
     for score in ("odin", "gradnorm"):
         run(track_gradient, roots, "--name=net", "--dataset=rademacher", f"--score={score}", "--limit=6")
-    metrics(roots, "--saved_form=norm_single", "--score=odin", "--dataset=rademacher")
+    metrics(roots, "--saved_form=norm_single", "--score=odin", "--dataset=rademacher", "--plot")
     out = capsys.readouterr().out
     assert "detection score = +value;" in out and "perturbed_msp" in out and "none norms" not in out
-    metrics(roots, "--compare")
+    metrics(roots, "--compare", "--plot")
     out = capsys.readouterr().out
     assert "odin: total (+value)" in out and "gradnorm: fc.weight (+norm L1)" in out
+    assert (roots["results"] / "digits" / "net" / "compare" / "odin_layers.png").is_file()

@@ -408,7 +408,7 @@ def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detec
     last_only = [d for d in detectors if d.last_layer_only]
     detectors = [d for d in detectors if not (d.separate_pass or d.last_layer_only)]
     if last_only:
-        logits, last_scores = last_layer_scores(model, x, last_only)
+        logits, last_scores = last_layer_scores(model, x, last_only, tf32)
         separate.update((name, (logits, scores)) for name, scores in last_scores.items())
     if not detectors:
         return next(iter(separate.values()))[0], {name: scores for name, (_, scores) in separate.items()}
@@ -434,7 +434,7 @@ def _engine_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detect
     return logits, scores
 
 
-def last_layer_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector]
+def last_layer_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector], tf32: bool = False
                       ) -> tuple[torch.Tensor, dict[str, Scores]]:
     """``--layers last``: each detector's values on the last tracked layer alone, from one forward pass and no
     backward pass through the network.
@@ -442,14 +442,15 @@ def last_layer_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Det
     That layer is a Linear map of the penultimate features h that gives the logits, so the per-sample gradient
     of a loss with dL/dlogits = δ is δhᵀ, of rank one: ‖δhᵀ‖₁ = ‖δ‖₁‖h‖₁ and ‖δhᵀ‖₂ = ‖δ‖₂‖h‖₂. A forward hook
     keeps h; each detector's rows δ come from ``output_gradients``; its ``reduce`` sees that layer only (its
-    ``total`` is then that layer's value). Returns the logits (B, K) and each detector's ``Scores`` by name."""
+    ``total`` is then that layer's value). TF32 is off unless ``tf32``, as in the engine. Returns the logits (B, K)
+    and each detector's ``Scores`` by name."""
     (name, layer), = list(tracked_layers(model).items())[-1:]
     if not isinstance(layer, nn.Linear):
         raise ValueError(f"--layers last needs a Linear last layer; {name} is a {type(layer).__name__}")
     kept = {}
     handle = layer.register_forward_hook(lambda module, args, output: kept.update(h=args[0], out=output))
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), tf32_mode(tf32), torch.no_grad():
             logits = model(x)
     finally:
         handle.remove()
