@@ -404,16 +404,16 @@ def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detec
     restored afterwards; TF32 is off on a GPU unless ``tf32`` (``utils.per_sample.tf32_mode``). Returns the
     logits (B, K) and each detector's ``Scores`` by name. A ``separate_pass`` detector (ODIN) runs its own
     passes; detectors with ``last_layer_only`` go to ``last_layer_scores``."""
-    separate = {d.name: d.scores(model, x, tf32) for d in detectors if d.separate_pass}
+    own = {d.name: d.scores(model, x, tf32) for d in detectors if d.separate_pass}  # name → (logits, Scores)
     last_only = [d for d in detectors if d.last_layer_only]
-    detectors = [d for d in detectors if not (d.separate_pass or d.last_layer_only)]
     if last_only:
-        logits, last_scores = last_layer_scores(model, x, last_only, tf32)
-        separate.update((name, (logits, scores)) for name, scores in last_scores.items())
-    if not detectors:
-        return next(iter(separate.values()))[0], {name: scores for name, (_, scores) in separate.items()}
-    logits, scores = _engine_scores(model, x, detectors, tf32)
-    return logits, {**scores, **{name: scores for name, (_, scores) in separate.items()}}
+        logits, last = last_layer_scores(model, x, last_only, tf32)
+        own.update((name, (logits, values)) for name, values in last.items())
+    shared = [d for d in detectors if not (d.separate_pass or d.last_layer_only)]
+    if not shared:
+        return next(iter(own.values()))[0], {name: values for name, (_, values) in own.items()}
+    logits, scores = _engine_scores(model, x, shared, tf32)
+    return logits, {**scores, **{name: values for name, (_, values) in own.items()}}
 
 
 def _engine_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector], tf32: bool
