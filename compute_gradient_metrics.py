@@ -307,8 +307,9 @@ def compared_datasets(args: argparse.Namespace, model_folder: Path, detectors: l
 def plot_layers(per_set: list[dict], path: Path) -> Path:
     """One detector's per-layer AUROC against depth: a line per OOD set, and their average if there are several."""
     first = per_set[0]
+    norm = "" if first["norm"] == "none" else f", {first['norm']}"
     title = (f"Where the signal lives: AUROC of each tracked layer\ndetector {first['score'] or 'original'} "
-             f"({first['gradient_score']}, {first['norm']}), model {first['model']['name']} on {first['in_dataset']}")
+             f"({first['gradient_score']}{norm}), model {first['model']['name']} on {first['in_dataset']}")
     return plot_layer_auroc(path, per_set + [average_table(per_set)] * (len(per_set) > 1), title=title)
 
 
