@@ -4,12 +4,14 @@
     python compute_gradient_metrics.py --name=resnet_bce --saved_form=original_single --dataset=all --plot
     python compute_gradient_metrics.py --name=resnet --compare --plot
     python compute_gradient_metrics.py --name=resnet --compare --protocol=energy_ood --ood-positive
+    python compute_gradient_metrics.py --name=resnet --compare --layers=last
 
 reads ``<gradient root>/<in-dataset>/<name>/<score or "original">/<in-dataset>.pkl`` (the ID test set) and
 the OOD set's file beside it (``--dataset all``: every other ``*.pkl`` there), prints one table per OOD set
 (and their average) — every tracked layer, ``total``, and the MSP / Energy baselines of the same samples —
 and writes it to ``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip][-energy_ood]/<dataset>.json|csv``.
 
+``--layers last`` reads the files of ``track_gradient.py --layers=last`` (``<score>-last/``) instead.
 ``--compare`` reads every detector tracked for the model (each folder under ``<gradient root>/<in-dataset>/<name>/``
 named after one) and prints one row per detector, its headline score, and the baselines once, per OOD set
 and their average, sorted by average AUROC; written to ``.../<name>/compare[-flip][-energy_ood]/comparison.json|csv``.
@@ -18,9 +20,10 @@ detector, ``<detector>_layers.png``).
 ``--protocol=energy_ood`` evaluates as energy_ood's and Outlier Exposure's ``test.py`` (10 seeded draws of a
 fifth of the ID set's size from each OOD set, mean ± std); ``--ood-positive`` adds OpenOOD's FPR95 (OOD+).
 
-Conventions (``utils/tables.py``, ``utils/metrics.py``): ID is the positive class and the score is higher for
-ID, each detector's sign from ``utils/detectors.py``: −norm for ``norm_single`` with ``min``/``pred``/``exgrad``,
-+norm with ``max``/``gradnorm`` and for ``original_single``; ``--flip`` inverts it.
+Conventions (``utils/tables.py``, ``utils/metrics.py``): ID is the positive class and the score is higher
+for ID, each detector's sign from ``utils/detectors.py``: −norm for ``norm_single`` with
+``min``/``pred``/``exgrad``, +norm with ``max``/``gradnorm`` and for ``original_single``, +value for ``odin``
+(its values are the perturbed max softmax, not norms); ``--flip`` inverts it.
 """
 import argparse
 from pathlib import Path
@@ -60,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--score", choices=TRACK_GRADIENT_SCORES,
                         help="the detector tracked by track_gradient.py (norm_single only, where it is required)")
     parser.add_argument("--dataset", default="all", help="OOD set, or 'all' for every tracked one")
+    parser.add_argument("--layers", choices=("all", "last"), default="all",
+                        help="last: the files of track_gradient.py --layers=last (the last layer only, in "
+                             "<detector>-last/)")
     cli.add_in_dataset(parser)
     parser.add_argument("--compare", action="store_true",
                         help="one table of every detector tracked for the model (its headline score) and the "
@@ -105,6 +111,7 @@ def track_command(args: argparse.Namespace, dataset: str) -> str:
     command = ("python track_gradient_original.py" if args.saved_form == "original_single"
                else "python track_gradient.py")
     command += f" --name={args.name} --dataset={dataset}" + (f" --score={args.score}" if args.score else "")
+    command += " --layers=last" * (args.layers == "last")
     if args.in_dataset != cli.DEFAULT_IN_DATASET:
         command += f" --in-dataset={args.in_dataset}"
     if args.gradient_root != GRADIENT_ROOT:
@@ -125,6 +132,7 @@ def load_record(path: Path, args: argparse.Namespace, dataset: str) -> dict:
                 "in-dataset": (record["model"]["in_dataset"], args.in_dataset),
                 "method": (record["method"], SAVED_FORMS[args.saved_form]),
                 "score": (record["score"], args.score),
+                "layers": (record.get("options", {}).get("layers", "all"), args.layers),
                 "dataset": (record["dataset"], dataset)}
     wrong = [f"{key} {found!r} (expected {wanted!r})" for key, (found, wanted) in expected.items() if found != wanted]
     if wrong:
@@ -132,8 +140,9 @@ def load_record(path: Path, args: argparse.Namespace, dataset: str) -> dict:
     return record
 
 
-def check_same_model(id_record: dict, id_path: Path, ood_record: dict, ood_path: Path) -> None:
-    """ID and OOD files must come from the same checkpoint and track the same layers, in the same order."""
+def check_same_model(id_record: dict, id_path: Path, ood_record: dict, ood_path: Path, layers: bool = True) -> None:
+    """ID and OOD files must come from the same checkpoint and (``layers``) track the same layers, in the same
+    order."""
     id_model, ood_model = id_record["model"], ood_record["model"]
     differ = [f"{k}: {id_model.get(k)!r} vs {ood_model.get(k)!r}"
               for k in sorted(set(id_model) | set(ood_model)) if id_model.get(k) != ood_model.get(k)]
@@ -141,7 +150,7 @@ def check_same_model(id_record: dict, id_path: Path, ood_record: dict, ood_path:
         raise GradientFileError(f"{id_path} and {ood_path} come from different models ({'; '.join(differ)}); "
                                 "track both with the same checkpoint")
     id_layers, ood_layers = list(id_record["layers"]), list(ood_record["layers"])
-    if id_layers != ood_layers:
+    if layers and id_layers != ood_layers:
         only_id, only_ood = set(id_layers) - set(ood_layers), set(ood_layers) - set(id_layers)
         detail = (f"only in the ID file: {', '.join(sorted(only_id)) or '-'}; "
                   f"only in the OOD file: {', '.join(sorted(only_ood)) or '-'}" if only_id or only_ood
@@ -173,8 +182,9 @@ def plot_table(table: dict, id_record: dict, ood_record: dict, sign: int, folder
     return [plot_detection(
         folder / f"{table['ood_dataset']}_{row}.png", id_values[row], ood_values[row], sign, rows[row],
         title=f"{table['model']['name']}: {table['in_dataset']} vs {table['ood_dataset']} — {row} ({role})",
-        value_label=f"gradient {table['norm']} norm of " + ("all tracked layers" if row == "total" else row),
-        score_label=f"score = {'+' if sign > 0 else '−'}norm", in_dataset=table["in_dataset"],
+        value_label=row if table["norm"] == "none" else (
+            f"gradient {table['norm']} norm of " + ("all tracked layers" if row == "total" else row)),
+        score_label=f"score = {table['gradient_score']}", in_dataset=table["in_dataset"],
         ood_dataset=table["ood_dataset"], baselines=baselines)
         for row, role in roles.items()]
 
@@ -182,9 +192,9 @@ def plot_table(table: dict, id_record: dict, ood_record: dict, sign: int, folder
 def combined_fit(args: argparse.Namespace, id_record: dict, id_path: Path) -> GaussianFit | None:
     """The Gaussian of the ``combined`` row, fit on the training split's file alone (``utils.combine``), or
     None, with a note, when ``--combine none`` or that file is missing."""
-    if args.combine == "none":
+    if args.combine == "none" or len(id_record["layers"]) < 2:  # one row (ODIN, --layers last): nothing to combine
         return None
-    path = gradient_path(args.in_dataset, args.name, args.score, TRAIN_SPLIT, args.gradient_root)
+    path = gradient_path(args.in_dataset, args.name, args.score, TRAIN_SPLIT, args.gradient_root, last_layer(args))
     if not path.is_file():
         print(f"No 'combined' row: {path} (the in-distribution training images it is fit on) is missing; "
               f"make it with `{track_command(args, TRAIN_SPLIT)}`.\n")
@@ -207,11 +217,15 @@ def distances(fit: GaussianFit | None, id_record: dict, ood_records: dict[str, d
     return {dataset: (id_distances, -combined_score(fit, record)) for dataset, record in ood_records.items()}
 
 
+def last_layer(args: argparse.Namespace) -> bool:
+    return args.layers == "last"
+
+
 def results_folder(args: argparse.Namespace) -> Path:
     """``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip][-<protocol>]`` (``compare`` for the
     comparison); the default protocol adds nothing."""
     form = "-".join(["compare"] if args.compare else [args.saved_form, *([args.score] if args.score else [])])
-    form += "-flip" * args.flip + (f"-{args.protocol}" if args.protocol != "full" else "")
+    form += "-last" * last_layer(args) + "-flip" * args.flip + (f"-{args.protocol}" if args.protocol != "full" else "")
     return Path(args.results_root) / args.in_dataset / args.name / form
 
 
@@ -226,11 +240,12 @@ def report(table: dict, written: list[Path]) -> None:
 
 def load_records(args: argparse.Namespace, datasets: list[str]) -> tuple[Path, dict, dict[str, dict]]:
     """The ID file's path and record and each OOD set's record, checked to come from the same model."""
-    id_path = gradient_path(args.in_dataset, args.name, args.score, args.in_dataset, args.gradient_root)
+    id_path = gradient_path(args.in_dataset, args.name, args.score, args.in_dataset, args.gradient_root,
+                            last_layer(args))
     id_record = load_record(id_path, args, args.in_dataset)
     ood_records = {}
     for dataset in datasets:
-        path = gradient_path(args.in_dataset, args.name, args.score, dataset, args.gradient_root)
+        path = gradient_path(args.in_dataset, args.name, args.score, dataset, args.gradient_root, last_layer(args))
         ood_records[dataset] = load_record(path, args, dataset)
         check_same_model(id_record, id_path, ood_records[dataset], path)
     return id_path, id_record, ood_records
@@ -239,7 +254,8 @@ def load_records(args: argparse.Namespace, datasets: list[str]) -> tuple[Path, d
 def per_layer_tables(args: argparse.Namespace) -> None:
     """One detector's table per OOD set (and their average for ``--dataset all``), every tracked layer a row."""
     # Load the ID file and every OOD file first, so that a bad file stops the run before anything is written.
-    id_folder = gradient_path(args.in_dataset, args.name, args.score, args.in_dataset, args.gradient_root).parent
+    id_folder = gradient_path(args.in_dataset, args.name, args.score, args.in_dataset, args.gradient_root,
+                              last_layer(args)).parent
     id_path, id_record, ood_records = load_records(args, ood_datasets(args, id_folder))
 
     fit = combined_fit(args, id_record, id_path)
@@ -274,7 +290,7 @@ def compared_datasets(args: argparse.Namespace, model_folder: Path, detectors: l
     """``--dataset``, or for ``all`` the OOD sets tracked for every detector (saying which are left out)."""
     if args.dataset != "all":
         return [args.dataset]
-    tracked = {d.name: ood_dataset_names(model_folder / d.name, args.in_dataset) for d in detectors}
+    tracked = {d.name: ood_dataset_names(model_folder / d.folder, args.in_dataset) for d in detectors}
     common = [name for name in next(iter(tracked.values())) if all(name in names for names in tracked.values())]
     for detector, names in tracked.items():
         if set(names) - set(common):
@@ -290,23 +306,25 @@ def compared_datasets(args: argparse.Namespace, model_folder: Path, detectors: l
 def plot_layers(per_set: list[dict], path: Path) -> Path:
     """One detector's per-layer AUROC against depth: a line per OOD set, and their average if there are several."""
     first = per_set[0]
+    norm = "" if first["norm"] == "none" else f", {first['norm']}"
     title = (f"Where the signal lives: AUROC of each tracked layer\ndetector {first['score'] or 'original'} "
-             f"({first['gradient_score']}, {first['norm']}), model {first['model']['name']} on {first['in_dataset']}")
+             f"({first['gradient_score']}{norm}), model {first['model']['name']} on {first['in_dataset']}")
     return plot_layer_auroc(path, per_set + [average_table(per_set)] * (len(per_set) > 1), title=title)
 
 
 def compare(args: argparse.Namespace) -> None:
     """Every tracked detector's headline row and the baselines, in one table (and ``--plot``: per-layer AUROC)."""
     model_folder = Path(args.gradient_root) / args.in_dataset / args.name
-    detectors = tracked_detectors(model_folder)
+    detectors = tracked_detectors(model_folder, last_layer(args))
     if not detectors:
-        raise UserError(f"no detector tracked for model {args.name} in {model_folder}; track some with "
-                        f"`python track_gradient.py --name={args.name} --dataset=all --score=all`")
+        command = f"python track_gradient.py --name={args.name} --dataset=all --score=all" + (
+            " --layers=last" * last_layer(args))
+        raise UserError(f"no detector tracked for model {args.name} in {model_folder}; track some with `{command}`")
     datasets = compared_datasets(args, model_folder, detectors)
     loaded = {d.name: load_records(detector_args(args, d), datasets) for d in detectors}
     (first_path, first_id, _), *others = loaded.values()
     for id_path, id_record, _ in others:
-        check_same_model(first_id, first_path, id_record, id_path)
+        check_same_model(first_id, first_path, id_record, id_path, layers=False)  # detectors' rows differ (ODIN)
 
     folder, protocol = results_folder(args), protocol_of(args)
     tables, written = {}, []

@@ -8,14 +8,25 @@
            usual summed weight gradients: what one training step on that work costs.
 
 With ``--score all`` it also times the detectors' separate engine runs, one after the other, against the one
-shared pass. All run on the same random model and the same random images (``tests/test_detectors.py`` holds
-the engine to the loop's numbers). ``--memory`` also reports the engine's peak memory over 500 and 2,000
+shared pass. For ``odin`` the loop is the official path (a batch of one, ``backward()`` to the normalised input,
+a second forward) and the engine its batched form.
+
+``--layers last`` times the last-layer path (``utils.detectors.last_layer_scores``: one forward pass, no
+backward) against a plain batched forward pass of the same images (the target: at least 0.8 of its rate), and
+against the two per-sample GradNorm loops it replaces: the official one (Huang et al.: a batch of one, the loss
+back-propagated through the whole network, the fc weight's ``.grad`` read) and OpenOOD v1.5's (penultimate
+features of the batch, then per sample a ``backward()`` through a copy of the fc layer alone).
+
+All run on the same random model and the same random images (``tests/test_detectors.py`` holds the engine to
+the loop's numbers). ``--memory`` also reports the engine's peak memory over 500 and 2,000
 images (fresh processes; RSS on the CPU, allocated memory on CUDA), which ``--batch-size`` bounds whatever
 the number of images.
 
     python bench/track_bench.py --arch resnet20 --score min
     python bench/track_bench.py --arch resnet20 --score all
     python bench/track_bench.py --arch wrn40_2 --score original --n 32 --memory
+    python bench/track_bench.py --arch resnet18 --score gradnorm --layers last --n 2000
+    python bench/track_bench.py --arch wrn40_2 --score odin --n 200
 """
 import argparse
 import multiprocessing
@@ -26,12 +37,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
 from utils.detectors import DETECTORS, TRACK_GRADIENT_SCORES, Detector, gradient_scores, rows_per_sample  # noqa: E402
+from utils.per_sample import tf32_mode  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -65,6 +78,57 @@ def ceiling(model: nn.Module, x: torch.Tensor, detectors: list[Detector]) -> Non
 
 def engine(model: nn.Module, x: torch.Tensor, detectors: list[Detector]) -> None:
     gradient_scores(model, x, detectors)
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> None:
+    """A plain batched forward pass: what ``--layers last`` is measured against (TF32 off, as in tracking)."""
+    with torch.no_grad(), tf32_mode(False):
+        model(x)
+
+
+def official_gradnorm_loop(model: nn.Module, x: torch.Tensor, temperature: float = 1.0) -> list[float]:
+    """GradNorm as its official code computes it: per image, the loss Σ_k −log softmax(f(x)/T)_k back-propagated
+    through the whole network, then the L1 norm of the fc weight's gradient."""
+    scores = []
+    for image in x:
+        model.zero_grad(set_to_none=True)
+        logits = model(image[None]) / temperature
+        torch.mean(torch.sum(-F.log_softmax(logits, dim=-1), dim=-1)).backward()
+        scores.append(model.fc.weight.grad.abs().sum().item())
+    return scores
+
+
+def openood_gradnorm_loop(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """GradNorm as OpenOOD v1.5 computes it: the batch's penultimate features in one pass, then per sample a
+    ``backward()`` through a copy of the fc layer alone and the L1 norm of its weight's gradient."""
+    kept = {}
+    handle = model.fc.register_forward_hook(lambda module, args, output: kept.update(h=args[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    fc = nn.Linear(model.fc.in_features, model.fc.out_features).to(x.device, x.dtype)
+    fc.load_state_dict(model.fc.state_dict())
+    scores = []
+    for h in kept["h"]:
+        fc.zero_grad(set_to_none=True)
+        torch.mean(torch.sum(-F.log_softmax(fc(h[None]), dim=-1), dim=-1)).backward()
+        scores.append(fc.weight.grad.abs().sum().item())
+    return scores
+
+
+def last_layer_report(model: nn.Module, x: torch.Tensor, detectors: list[Detector], batch_size: int,
+                      device: str) -> None:
+    """``--layers last``: its rate against a plain forward pass and the two GradNorm loops."""
+    last = [d.on_last_layer() for d in detectors]
+    forward_rate = throughput(lambda b: forward(model, b), x, batch_size, device)
+    last_rate = throughput(lambda b: engine(model, b, last), x, batch_size, device)
+    official_rate = throughput(lambda b: official_gradnorm_loop(model, b), x, 1, device)
+    openood_rate = throughput(lambda b: openood_gradnorm_loop(model, b), x, batch_size, device)
+    print(f"forward           {forward_rate:9.1f} images/s   (batches of {batch_size}, no gradient)")
+    print(f"--layers last     {last_rate:9.1f} images/s   {last_rate / forward_rate:.2f} of the forward pass "
+          "(target >= 0.8)")
+    print(f"official GradNorm {official_rate:9.1f} images/s   --layers last is {last_rate / official_rate:.1f}x faster")
+    print(f"OpenOOD GradNorm  {openood_rate:9.1f} images/s   --layers last is {last_rate / openood_rate:.1f}x faster")
 
 
 def throughput(step: Callable[[torch.Tensor], object], x: torch.Tensor, images_per_batch: int, device: str) -> float:
@@ -107,8 +171,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50, help="images timed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory over 500 and 2,000 images")
+    parser.add_argument("--layers", choices=("all", "last"), default="all",
+                        help="last: time --layers last against a forward pass and the GradNorm loops")
     args = parser.parse_args()
     detectors = chosen(args.score)
+    if args.layers == "last":
+        model = make_model(args.arch, args.device)
+        detectors = [d for d in detectors if not d.separate_pass]
+        print(f"{args.arch}, --layers last, {', '.join(d.name for d in detectors)}, n = {args.n}, device "
+              f"{args.device}, {torch.get_num_threads()} threads")
+        last_layer_report(model, images(args.n, args.device), detectors, args.batch_size, args.device)
+        return
     rows = rows_per_sample(detectors, NUM_CLASSES)
     per_batch = max(1, args.batch_size // rows)
 

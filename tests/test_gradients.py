@@ -33,7 +33,7 @@ def test_a_record_of_every_detector_round_trips(tmp_path, name):
     built = record(None if name == "original" else name, 5, 0)
     detector = DETECTORS[name]
     assert (built["method"], built["score"], built["norm"]) == (
-        detector.method, None if name == "original" else name, f"L{detector.norm}")
+        detector.method, None if name == "original" else name, "none" if name == "odin" else f"L{detector.norm}")
     assert all(built[key].dtype == dtype for key, dtype in PER_SAMPLE_KEYS.items())
     path = gradient_path("digits", "net", None if name == "original" else name, "gaussian", tmp_path)
     assert path.parent.name == name
@@ -83,7 +83,7 @@ def test_a_file_of_the_seed_format_still_loads(tmp_path):
     (lambda r: r.update(norm="L3"), "unknown norm"),
     (lambda r: r.update(extra=[1, 2]), "'extra' must be a dict"),
     (lambda r: r["extra"].update(bad=np.ones(2)), r"extra\['bad'\] must be an array of shape \(4,\)"),
-    (lambda r: r.update(score="odin"), "unknown score"),
+    (lambda r: r.update(score="no_such_detector"), "unknown score"),
     (lambda r: r.update(features={"penultimate": np.ones(4)}), r"features\['penultimate'\] must be a float array"),
     (lambda r: r.update(features={"penultimate": np.full((4, 2), np.nan)}), "NaN"),
 ])

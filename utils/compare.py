@@ -27,10 +27,13 @@ SHOWN = ("FPR95", "AUROC")  # printed per OOD set (and FPR95 (OOD+) where asked)
 CSV_KEYS = ("name", "kind", "row", "score", "ood_dataset")
 
 
-def tracked_detectors(model_folder: str | Path) -> list[Detector]:
+def tracked_detectors(model_folder: str | Path, last_layer: bool = False) -> list[Detector]:
     """The detectors tracked for a model: the subfolders of ``gradients/<in-dataset>/<name>/`` named after
-    one (the confounding label's is ``original``), in ``DETECTORS`` order; other folders are ignored."""
-    return [detector for name, detector in DETECTORS.items() if (Path(model_folder) / name).is_dir()]
+    one (the confounding label's is ``original``), in ``DETECTORS`` order; other folders are ignored. With
+    ``last_layer``, those of ``--layers last`` (``<name>-last``)."""
+    detectors = [d.on_last_layer() if last_layer else d for d in DETECTORS.values()
+                 if not (last_layer and d.separate_pass)]
+    return [d for d in detectors if (Path(model_folder) / d.folder).is_dir()]
 
 
 def saved_form_of(detector: Detector) -> tuple[str, str | None]:
@@ -78,7 +81,8 @@ def comparison_table(tables: dict[str, list[dict]]) -> dict:
 def _label(entry: dict, norms: dict[str, str]) -> str:
     if entry["kind"] == "baseline":
         return f"{entry['name']} ({entry['score']})"
-    norm = "" if entry["row_kind"] in ("extra", "combined") else f" {norms[entry['name']]}"  # extra: in its name
+    norm = "" if entry["row_kind"] in ("extra", "combined") or norms[entry["name"]] == "none" else (
+        f" {norms[entry['name']]}")  # extra: in its name; none: not a norm (ODIN)
     return f"{entry['name']}: {entry['row']} ({entry['score']}{norm})"
 
 

@@ -16,8 +16,15 @@ the weight gradient dL/dW of each tracked layer. Each unit states:
 
 Adding a detector is one class here (and its test). Each sample's value is its batch-of-one value:
 nothing is ever averaged over a batch.
+
+Two ways out of the engine: a ``separate_pass`` detector computes its values itself (``scores``; ODIN
+differentiates with respect to the input and runs a second forward pass), and ``on_last_layer()`` gives a
+detector that tracks only the last Linear layer, computed from the penultimate features with no backward pass
+(``last_layer_scores``; ``--layers last``: its files say so in ``options`` and live in ``<name>-last/``).
 """
-from collections.abc import Sequence
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import tracked_parameters
-from utils.per_sample import eval_mode, reference_norms, weight_gradient_norms
+from utils.per_sample import eval_mode, reference_norms, tf32_mode, tracked_layers, weight_gradient_norms
 
 ALL_LAYERS = None
 
@@ -85,6 +92,8 @@ class Detector:
     norm: int = 2
     sign: int = -1           # +1: a larger gradient means in-distribution
     headline = "total"       # the row a comparison reports: "total" or "last" (see headline_row)
+    last_layer_only = False  # ``--layers last``: only the last Linear layer is tracked (``last_layer_scores``)
+    separate_pass = False    # computes its own values (``scores``) instead of the engine's weight-gradient norms
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -104,7 +113,25 @@ class Detector:
 
     def options(self) -> dict:
         """Settings that change the values (saved in the file; a file with other options is re-tracked)."""
-        return {}
+        return {"layers": "last"} if self.last_layer_only else {}
+
+    @property
+    def folder(self) -> str:
+        """Its folder under ``gradients/<in-dataset>/<model>/``: its name, ``<name>-last`` for ``--layers last``
+        (so that last-layer files and full ones never replace each other)."""
+        return f"{self.name}-last" if self.last_layer_only else self.name
+
+    def on_last_layer(self) -> "Detector":
+        """This detector tracking only the last Linear layer (``--layers last``)."""
+        if self.separate_pass:
+            raise ValueError(f"{self.name} has no per-layer weight gradients; --layers last does not apply to it")
+        last = copy.copy(self)
+        last.last_layer_only = True
+        return last
+
+    def scores(self, model: nn.Module, x: torch.Tensor, tf32: bool = False) -> tuple[torch.Tensor, Scores]:
+        """For a ``separate_pass`` detector: the logits (B, K) and its values on images ``x``."""
+        raise NotImplementedError
 
     def headline_row(self, layers: Sequence[str]) -> str:
         return layers[-1] if self.headline == "last" else self.headline
@@ -199,7 +226,7 @@ class GradNorm(Detector):
         self.rows = f"uniform/T={temperature}"
 
     def options(self) -> dict:
-        return {"temperature": float(self.temperature)}
+        return {**super().options(), "temperature": float(self.temperature)}
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         K, T = logits.shape[1], self.temperature
@@ -258,27 +285,116 @@ class ExGrad(Detector):
         return expected
 
 
+class ODIN(Detector):
+    """Liang, Li & Srikant, "Enhancing The Reliability of Out-of-distribution Image Detection in Neural
+    Networks", ICLR 2018 (official code: facebookresearch/odin, ``code/calData.py``; OpenOOD's
+    ``odin_postprocessor.py``). The image is moved against the gradient of the temperature-scaled
+    cross-entropy with the predicted label ŷ = argmax_k f(x)_k,
+
+        x̃ = x − ε · sign(∇ₓ CE(f(x)/T, ŷ)) = x − ε · sign(−∇ₓ log softmax(f(x)/T)_ŷ),
+
+    and scored by the maximum softmax of the moved image at the same temperature, max_k softmax(f(x̃)/T)_k.
+    ID has the larger score (+). As in the official code, sign(0) counts as +1 (``torch.ge(grad, 0)``) and x̃
+    is not clipped to [0, 1].
+
+    Units of ε: the official code differentiates with respect to the normalised image z = (x − μ)/σ and steps
+    z̃ = z − ε·sign(∇_z L)/σ per channel, which on the [0, 1] image is x̃ = σz̃ + μ = x − ε·sign(∇_z L), and
+    sign(∇_z L) = sign(σ∇ₓ L) = sign(∇ₓ L). So the official ε is a step on [0, 1] pixel values, the same for
+    every channel; our models take [0, 1] images and normalise inside, so ε steps the [0, 1] image directly —
+    the official perturbation exactly, whatever the model's normalisation (``reference`` takes the official
+    path through the normalised image and the tests hold the two equal). Defaults: T = 1000 (the paper's)
+    and ε = 0.0014 (OpenOOD's CIFAR config, ``configs/postprocessors/odin.yml``).
+
+    Batched: one forward pass, one backward pass to the input for the whole batch (in eval mode each image's
+    input gradient is its own), then a forward pass of the perturbed batch. ``total`` is the score; ODIN has
+    no per-layer parts, so the record's ``layers`` holds the same values once, as the row ``perturbed_msp``
+    (what they are), and its ``norm`` is ``none``. ``class`` is ŷ, the label of the loss it differentiates."""
+    name = "odin"
+    paper = ("Liang, Li & Srikant, Enhancing The Reliability of Out-of-distribution Image Detection in Neural "
+             "Networks, ICLR 2018")
+    formula = "max_k softmax(f(x̃)/T)_k, x̃ = x − ε·sign(−∇ₓ log max_k softmax(f(x)/T)_k)"
+    norm = None
+    sign = +1
+    separate_pass = True
+    row = "perturbed_msp"
+
+    def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014):
+        self.temperature, self.epsilon = temperature, epsilon
+        self.rows = f"odin/T={temperature}"
+
+    def options(self) -> dict:
+        return {"temperature": float(self.temperature), "epsilon": float(self.epsilon)}
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        """dL/dlogits of CE(f(x)/T, ŷ): (softmax(f(x)/T) − e_ŷ)/T, (1, B, K), without cancellation."""
+        rows = cross_entropy_rows(logits / self.temperature)  # (K, B, K)
+        return rows.gather(0, logits.argmax(1)[None, :, None].expand(1, *logits.shape)) / self.temperature
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits / self.temperature).softmax(1).amax(1)
+
+    def scores(self, model: nn.Module, x: torch.Tensor, tf32: bool = False) -> tuple[torch.Tensor, Scores]:
+        with eval_mode(model), tf32_mode(tf32), torch.enable_grad():
+            inputs = x.detach().requires_grad_()
+            logits = model(inputs)
+            gradient, = torch.autograd.grad(logits, inputs, self.output_gradients(logits.detach())[0])
+            step = torch.where(gradient >= 0, 1.0, -1.0).to(x.dtype)
+            with torch.no_grad():
+                score = self._score(model(x.detach() - self.epsilon * step))
+        return logits.detach(), Scores({self.row: score}, score, logits.detach().argmax(1))
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        """The official path: the network on the normalised image z, ``loss.backward()`` to z, z − ε·sign/σ."""
+        mean, std = model.normalize.mean.to(image.dtype), model.normalize.std.to(image.dtype)
+        with _normalised_inputs(model):
+            inputs = ((image[None] - mean) / std).requires_grad_()
+            outputs = model(inputs)
+            label = outputs.detach().argmax(1)
+            F.cross_entropy(outputs / self.temperature, label).backward()
+            gradient = (torch.ge(inputs.grad, 0).to(image.dtype) - 0.5) * 2 / std
+            perturbed = inputs.detach() - self.epsilon * gradient
+            score = self._score(model(perturbed).detach())[0].item()
+        return {self.row: score, "total": score, "class": int(label)}
+
+
+@contextmanager
+def _normalised_inputs(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with the model's input normalisation switched off: it takes normalised images, as the
+    official codes' networks do."""
+    normalize = model.normalize
+    model.normalize = nn.Identity()
+    try:
+        yield model
+    finally:
+        model.normalize = normalize
+
+
 DETECTORS: dict[str, Detector] = {d.name: d for d in (
     CrossEntropy("min", "min_k ‖∇_W CE(f(x), k)‖₂ (the class with the smallest total norm)", sign=-1),
     CrossEntropy("max", "max_k ‖∇_W CE(f(x), k)‖₂ (the class with the largest total norm)", sign=+1),
-    Predicted(), GradNorm(), ExGrad(), ConfoundingLabel())}
+    Predicted(), GradNorm(), ExGrad(), ODIN(), ConfoundingLabel())}
 CONFOUNDING = DETECTORS["original"]
 TRACK_GRADIENT_SCORES = tuple(name for name, d in DETECTORS.items() if d.script == "track_gradient.py")
 
 
-def get_detector(name: str | None, temperature: float = 1.0) -> Detector:
-    """The detector called ``name`` (None or ``original``: the confounding label); ``temperature`` for GradNorm."""
+def get_detector(name: str | None, temperature: float = 1.0, odin_temperature: float = 1000.0,
+                 epsilon: float = 0.0014) -> Detector:
+    """The detector called ``name`` (None or ``original``: the confounding label); ``temperature`` for GradNorm,
+    ``odin_temperature`` and ``epsilon`` for ODIN."""
     name = name or "original"
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+    if name == "odin":
+        return ODIN(odin_temperature, epsilon)
     return GradNorm(temperature) if name == "gradnorm" else DETECTORS[name]
 
 
 def rows_per_sample(detectors: Sequence[Detector], num_classes: int) -> int:
     """How many gradients are back-propagated per image for these detectors together (what ``--batch-size``
-    counts): each distinct set of rows once."""
+    counts): each distinct set of rows once; none for ``--layers last`` (then an image counts as one)."""
     logits = torch.zeros(1, num_classes)
-    return sum(len(d.output_gradients(logits)) for d in {d.rows: d for d in detectors}.values())
+    backward = {d.rows: d for d in detectors if not d.last_layer_only}.values()
+    return max(1, sum(len(d.output_gradients(logits)) for d in backward))
 
 
 def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector], tf32: bool = False
@@ -286,7 +402,23 @@ def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detec
     """Every detector's per-sample values on images ``x`` (B, 3, H, W), from one forward pass and one batched
     backward pass of the rows they need (each distinct set once). The model runs in eval mode; its modes are
     restored afterwards; TF32 is off on a GPU unless ``tf32`` (``utils.per_sample.tf32_mode``). Returns the
-    logits (B, K) and each detector's ``Scores`` by name."""
+    logits (B, K) and each detector's ``Scores`` by name. A ``separate_pass`` detector (ODIN) runs its own
+    passes; detectors with ``last_layer_only`` go to ``last_layer_scores``."""
+    own = {d.name: d.scores(model, x, tf32) for d in detectors if d.separate_pass}  # name → (logits, Scores)
+    last_only = [d for d in detectors if d.last_layer_only]
+    if last_only:
+        logits, last = last_layer_scores(model, x, last_only, tf32)
+        own.update((name, (logits, values)) for name, values in last.items())
+    shared = [d for d in detectors if not (d.separate_pass or d.last_layer_only)]
+    if not shared:
+        return next(iter(own.values()))[0], {name: values for name, (_, values) in own.items()}
+    logits, scores = _engine_scores(model, x, shared, tf32)
+    return logits, {**scores, **{name: values for name, (_, values) in own.items()}}
+
+
+def _engine_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector], tf32: bool
+                   ) -> tuple[torch.Tensor, dict[str, Scores]]:
+    """``gradient_scores`` of the detectors served by the engine's weight-gradient norms."""
     last_layer = list(tracked_parameters(model))[-1]
     groups = list({d.rows: d for d in detectors}.values())  # one detector per distinct set of rows builds them
     group_of = {d.rows: i for i, d in enumerate(groups)}
@@ -299,4 +431,38 @@ def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detec
     scores = {d.name: d.reduce([by_request[group_of[d.rows], p, layers] for p, layers in d.requests(last_layer)],
                                logits)
               for d in detectors}
+    return logits, scores
+
+
+def last_layer_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector], tf32: bool = False
+                      ) -> tuple[torch.Tensor, dict[str, Scores]]:
+    """``--layers last``: each detector's values on the last tracked layer alone, from one forward pass and no
+    backward pass through the network.
+
+    That layer is a Linear map of the penultimate features h that gives the logits, so the per-sample gradient
+    of a loss with dL/dlogits = δ is δhᵀ, of rank one: ‖δhᵀ‖₁ = ‖δ‖₁‖h‖₁ and ‖δhᵀ‖₂ = ‖δ‖₂‖h‖₂. A forward hook
+    keeps h; each detector's rows δ come from ``output_gradients``; its ``reduce`` sees that layer only (its
+    ``total`` is then that layer's value). TF32 is off unless ``tf32``, as in the engine. Returns the logits (B, K)
+    and each detector's ``Scores`` by name."""
+    (name, layer), = list(tracked_layers(model).items())[-1:]
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"--layers last needs a Linear last layer; {name} is a {type(layer).__name__}")
+    kept = {}
+    handle = layer.register_forward_hook(lambda module, args, output: kept.update(h=args[0], out=output))
+    try:
+        with eval_mode(model), tf32_mode(tf32), torch.no_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    if kept.get("out") is not logits or kept["h"].dim() != 2:
+        raise ValueError(f"--layers last needs {name} to map (B, D) features to the model's logits")
+    h = kept["h"]
+    h_norms = {1: h.abs().sum(1), 2: _l2(h.abs(), 1)}
+    rows = {d.rows: d.output_gradients(logits) for d in detectors}  # each distinct set once, (R, B, K)
+    scores = {}
+    for d in detectors:
+        delta = rows[d.rows]
+        norms = [{name: (delta.abs().sum(2) if p == 1 else _l2(delta.abs(), 2)) * h_norms[p]}
+                 for p, _ in d.requests(name)]
+        scores[d.name] = d.reduce(norms, logits)
     return logits, scores

@@ -2,17 +2,19 @@
 the detectors that say which gradients ``utils.detectors``).
 
 A gradients file is ``gradients/<in-dataset>/<name>/<detector>/<dataset>.pkl`` (the confounding label's
-folder is ``original``), a pickled dict::
+folder is ``original``; with ``--layers last``, ``<detector>-last``, so that last-layer files never replace
+full ones), a pickled dict::
 
     {"version": 1,
      "model":   {"name", "arch", "in_dataset", "num_classes", "checkpoint", "epoch", "checkpoint_sha256"},
      "method":  "norm" | "original",   "score": "min" | "max" | "pred" | "gradnorm" | "exgrad" | None,
      "dataset": "LSUN",                "num_samples": N,
-     "norm":    "L2" | "L1",                         # the norm of every layer value (GradNorm: L1)
+     "norm":    "L2" | "L1" | "none",                # the norm of every layer value (GradNorm: L1; ODIN: none)
      "layers":  {"conv1.weight": float32[N], ...},   # per-layer norms, model order
      "total":   float32[N],                          # the same norm over all tracked layers together
      "extra":   {"fc.weight:L1": float32[N]},        # further rows a detector defines (ExGrad's paper form)
-     "options": {"temperature": 1.0},                # settings that change the values (GradNorm's T)
+     "options": {"temperature": 1.0},                # settings that change the values (GradNorm's T, ODIN's
+                                                     # T and epsilon; "layers": "last" for --layers last)
      "class":   int64[N],  "pred": int64[N],  "label": int64[N] (-1 for OOD),
      "msp": float32[N],  "energy": float32[N],       # output-based baselines, same pass
      "features": {"penultimate": float32[N, D], ...}}  # per-sample vectors a detector or baseline fits on
@@ -37,7 +39,7 @@ from utils.io import atomic_write
 FORMAT_VERSION = 1
 GRADIENT_ROOT = "gradients"
 METHODS = ("norm", "original")
-NORMS = ("L2", "L1")
+NORMS = ("L2", "L1", "none")
 MODEL_KEYS = ("name", "arch", "in_dataset", "num_classes", "checkpoint", "epoch")
 # Written by the tracking scripts beside MODEL_KEYS, so that files of a model retrained under the same
 # name and epoch are never mixed up with the old ones; not required of files from elsewhere.
@@ -55,7 +57,7 @@ def new_record(model: dict, detector: Detector, dataset: str, layers: dict[str, 
     return {"features": {name: np.asarray(v, np.float32) for name, v in (features or {}).items()},
             "version": FORMAT_VERSION, "model": model, "method": detector.method,
             "score": None if detector.method == "original" else detector.name, "dataset": dataset,
-            "num_samples": len(per_sample["total"]), "norm": f"L{detector.norm}",
+            "num_samples": len(per_sample["total"]), "norm": "none" if detector.norm is None else f"L{detector.norm}",
             "layers": {name: np.asarray(v, np.float32) for name, v in layers.items()},
             "extra": {name: np.asarray(v, np.float32) for name, v in extra.items()}, "options": detector.options(),
             **{key: np.asarray(per_sample[key], dtype) for key, dtype in PER_SAMPLE_KEYS.items()}}
@@ -73,10 +75,10 @@ def concatenate_records(records: list[dict]) -> dict:
 
 
 def gradient_path(in_dataset: str, name: str, score: str | None, dataset: str,
-                  root: str | Path = GRADIENT_ROOT) -> Path:
+                  root: str | Path = GRADIENT_ROOT, last_layer: bool = False) -> Path:
     """Where detector ``score``'s gradients of model ``name`` on ``dataset`` live; ``None`` (or ``original``)
-    is the confounding label."""
-    return Path(root) / in_dataset / name / (score or "original") / f"{dataset}.pkl"
+    is the confounding label; ``last_layer``: those of ``--layers last``."""
+    return Path(root) / in_dataset / name / f"{score or 'original'}{'-last' * last_layer}" / f"{dataset}.pkl"
 
 
 class GradientFileError(UserError):

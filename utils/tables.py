@@ -124,7 +124,8 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
     those named.
     """
     sign = score_sign(saved_form, score, flip)
-    gradient_label = "+norm" if sign > 0 else "-norm"
+    value = "norm" if id_record.get("norm", "L2") != "none" else "value"  # ODIN's values are not norms
+    gradient_label = f"{'+' if sign > 0 else '-'}{value}"
     id_rows, ood_rows = gradient_rows(id_record), gradient_rows(ood_record)
     num_id, num_ood = id_record["num_samples"], ood_record["num_samples"]
     subsets = protocol.subsets(num_id, num_ood, ood_record["dataset"])
@@ -197,9 +198,10 @@ def format_table(table: dict) -> str:
            if "datasets" in table else f"{table['ood_dataset']} (OOD, {table['num_ood']} samples)")
     form = table["saved_form"] + (f", score={table['score']}" if table["score"] else "") + (
         ", flipped" if table["flip"] else "")
+    norms = "" if table["norm"] == "none" else f" ({table['norm']} norms)"
     header = [f"== {table['in_dataset']} (ID, {table['num_id']} samples) vs {ood} ==",
               f"Model {model['name']} ({model['arch']}, {model['num_classes']} classes, epoch {model['epoch']}), "
-              f"gradients {form}: detection score = {table['gradient_score']} ({table['norm']} norms); "
+              f"gradients {form}: detection score = {table['gradient_score']}{norms}; "
               f"headline row: {table['headline']}.",
               *table["conventions"]]
     if "datasets" in table:

@@ -59,17 +59,26 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
         parser.add_argument("--score", choices=(*TRACK_GRADIENT_SCORES, "all"), default="min",
                             help="the detector: min/max/pred keep the smallest, largest or predicted label's of "
                                  "the K cross-entropy gradients; gradnorm (L1, Huang et al. 2021); exgrad (their "
-                                 "expectation under the prediction, Igoe et al. 2022); all: every one of them "
-                                 "from one pass, one file each")
+                                 "expectation under the prediction, Igoe et al. 2022); odin (input perturbation, "
+                                 "Liang et al. 2018); all: every one of them, one file each")
         parser.add_argument("--temperature", type=float, default=1.0, help="GradNorm's temperature T, 1 in the paper")
+        parser.add_argument("--odin-temperature", type=float, default=1000.0,
+                            help="ODIN's temperature T, 1000 in the paper")
+        parser.add_argument("--epsilon", type=float, default=0.0014,
+                            help="ODIN's perturbation step on [0, 1] images (the official code's: it divides its "
+                                 "step on normalised images by the std); 0.0014 in OpenOOD's CIFAR config")
+    parser.add_argument("--layers", choices=("all", "last"), default="all",
+                        help="last: track only the last Linear layer, from the penultimate features with no backward "
+                             "pass (GradNorm's and ExGrad's paper scores at the speed of a forward pass); its files "
+                             "go to <detector>-last/")
     cli.add_in_dataset(parser)
     parser.add_argument("--epoch", type=int, help="the checkpoint's epoch (default: the last)")
     parser.add_argument("--model-arch", choices=ARCHS,
                         help="the architecture expected; an error if the checkpoint holds another")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="gradients back-propagated at once, which bounds memory: an image costs K of them "
-                             "for min/max/exgrad (one per class), one for pred/gradnorm/the confounding label, "
-                             "K + 2 for --score=all")
+                             "for min/max/exgrad (one per class), one for pred/gradnorm/odin/the confounding "
+                             "label, K + 3 for --score=all; one with --layers last (no backward pass)")
     parser.add_argument("--limit", type=int, metavar="N",
                         help=f"track only the first N samples of each set (--dataset {TRAIN_SPLIT}: N random images)")
     parser.add_argument("--shard", metavar="I/N", type=_shard,
@@ -200,7 +209,7 @@ def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, datase
     With ``only_if_stale`` a detector whose file (or this part's file) is already current is left out.
     """
     finals = {d.name: gradient_path(model_info["in_dataset"], model_info["name"], d.name, dataset_name,
-                                    args.gradient_root) for d in detectors}
+                                    args.gradient_root, d.last_layer_only) for d in detectors}
     num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     if only_if_stale:
         current = {d.name for d in detectors if _is_current(finals[d.name], model_info, num_samples, d.options())}
@@ -231,11 +240,19 @@ def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, datase
 
 
 def detectors_from(args: argparse.Namespace) -> list[Detector]:
-    """The detectors a tracking command asks for: ``--score`` (``all``: every one of ``track_gradient.py``)
-    with ``--temperature``; the confounding label for ``track_gradient_original.py`` (no ``--score``)."""
+    """The detectors a tracking command asks for: ``--score`` (``all``: every one of ``track_gradient.py``; with
+    ``--layers last`` every one that has weight gradients) with its options; the confounding label for
+    ``track_gradient_original.py`` (no ``--score``)."""
     score = getattr(args, "score", None)
     names = TRACK_GRADIENT_SCORES if score == "all" else [score]
-    return [get_detector(name, getattr(args, "temperature", 1.0)) for name in names]
+    detectors = [get_detector(name, getattr(args, "temperature", 1.0), getattr(args, "odin_temperature", 1000.0),
+                              getattr(args, "epsilon", 0.0014)) for name in names]
+    if args.layers == "all":
+        return detectors
+    if score != "all" and detectors[0].separate_pass:
+        raise UserError(f"--layers last tracks the last layer's weight gradient; --score={score} has none "
+                        "(ODIN perturbs the input). Leave out --layers.")
+    return [d.on_last_layer() for d in detectors if not d.separate_pass]
 
 
 def main(args: argparse.Namespace) -> None:
@@ -243,8 +260,9 @@ def main(args: argparse.Namespace) -> None:
     in-distribution test set if its files are missing or stale."""
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive.")
-    if getattr(args, "temperature", 1.0) <= 0:
-        raise UserError(f"--temperature must be positive, got {args.temperature}.")
+    for option in ("temperature", "odin_temperature"):
+        if getattr(args, option, 1.0) <= 0:
+            raise UserError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}.")
     detectors = detectors_from(args)
     device = get_device(args.gpu)
     workers = loader_workers(args.workers, device)
