@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
         parser.add_argument("--score", choices=(*TRACK_GRADIENT_SCORES, "all"), default="min",
                             help="the detector: min/max/pred keep the smallest, largest or predicted label's of "
                                  "the K cross-entropy gradients; gradnorm (L1, Huang et al. 2021); exgrad (their "
-                                 "expectation under the prediction, Igoe et al. 2022); all: every one of them "
-                                 "from one pass, one file each")
+                                 "expectation under the prediction, Igoe et al. 2022); gaia_a/gaia_z (gradients at "
+                                 "BatchNorm outputs, Chen et al. 2023); all: every one of them from one pass, one "
+                                 "file each")
         parser.add_argument("--temperature", type=float, default=1.0, help="GradNorm's temperature T, 1 in the paper")
     cli.add_in_dataset(parser)
     parser.add_argument("--epoch", type=int, help="the checkpoint's epoch (default: the last)")
@@ -68,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                         help="the architecture expected; an error if the checkpoint holds another")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="gradients back-propagated at once, which bounds memory: an image costs K of them "
-                             "for min/max/exgrad (one per class), one for pred/gradnorm/the confounding label, "
-                             "K + 2 for --score=all")
+                             "for min/max/exgrad (one per class), one for pred/gradnorm/gaia_z/the confounding "
+                             "label, two for gaia_a, K + 5 for --score=all")
     parser.add_argument("--limit", type=int, metavar="N",
                         help=f"track only the first N samples of each set (--dataset {TRAIN_SPLIT}: N random images)")
     parser.add_argument("--shard", metavar="I/N", type=_shard,
