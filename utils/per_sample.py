@@ -153,6 +153,12 @@ def nonzero_fraction(activations: torch.Tensor, grads: torch.Tensor) -> torch.Te
     return (_per_channel(grads) != 0).to(grads.dtype).mean(3)
 
 
+@activation_rule("pooled_product")
+def pooled_product(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """The activation summed over space times the gradient summed over space, per channel (NAC-UE's o·g)."""
+    return _per_channel(activations.unsqueeze(0)).sum(3) * _per_channel(grads).sum(3)
+
+
 def _rule(name: str, module: nn.Module) -> NormRule:
     rule = _RULES.get(type(module))
     if isinstance(module, nn.Conv2d) and not (module.groups == 1 and module.padding_mode == "zeros"
