@@ -140,17 +140,20 @@ def load_record(path: Path, args: argparse.Namespace, dataset: str) -> dict:
     return record
 
 
-def check_same_model(id_record: dict, id_path: Path, ood_record: dict, ood_path: Path, layers: bool = True) -> None:
-    """ID and OOD files must come from the same checkpoint and (``layers``) track the same layers, in the same
-    order."""
+def check_same_model(id_record: dict, id_path: Path, ood_record: dict, ood_path: Path,
+                     same_layers: bool = True) -> None:
+    """ID and OOD files must come from the same checkpoint and (``same_layers``: files of one detector) track the
+    same layers, in the same order."""
     id_model, ood_model = id_record["model"], ood_record["model"]
     differ = [f"{k}: {id_model.get(k)!r} vs {ood_model.get(k)!r}"
               for k in sorted(set(id_model) | set(ood_model)) if id_model.get(k) != ood_model.get(k)]
     if differ:
         raise GradientFileError(f"{id_path} and {ood_path} come from different models ({'; '.join(differ)}); "
                                 "track both with the same checkpoint")
+    if not same_layers:
+        return
     id_layers, ood_layers = list(id_record["layers"]), list(ood_record["layers"])
-    if layers and id_layers != ood_layers:
+    if same_layers and id_layers != ood_layers:
         only_id, only_ood = set(id_layers) - set(ood_layers), set(ood_layers) - set(id_layers)
         detail = (f"only in the ID file: {', '.join(sorted(only_id)) or '-'}; "
                   f"only in the OOD file: {', '.join(sorted(only_ood)) or '-'}" if only_id or only_ood
@@ -324,7 +327,7 @@ def compare(args: argparse.Namespace) -> None:
     loaded = {d.name: load_records(detector_args(args, d), datasets) for d in detectors}
     (first_path, first_id, _), *others = loaded.values()
     for id_path, id_record, _ in others:
-        check_same_model(first_id, first_path, id_record, id_path, layers=False)  # detectors' rows differ (ODIN)
+        check_same_model(first_id, first_path, id_record, id_path, same_layers=False)  # rows differ (ODIN, GAIA, NAC)
 
     folder, protocol = results_folder(args), protocol_of(args)
     tables, written = {}, []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.detectors import TRACK_GRADIENT_SCORES
+from utils.detectors import TRACK_GRADIENT_SCORES, get_detector
 from utils.gradients import gradient_path, load_gradients
 
 pytestmark = pytest.mark.slow  # minutes on two CPU cores: `pytest -m "not slow"` skips it
@@ -56,7 +56,11 @@ def test_gradient_files_cover_every_set_with_the_limit(demo):
         name = "energy" if score else "bce"
         for dataset in ("digits", *OOD_SETS):
             record = load_gradients(gradient_path("digits", name, score, dataset, demo / "gradients"))
-            assert record["num_samples"] == 200 and len(record["layers"]) == (1 if score == "odin" else 20)
+            assert record["num_samples"] == 200
+            if score == "odin":  # one row: the perturbed max softmax
+                assert len(record["layers"]) == 1
+            elif get_detector(score).requests("fc.weight"):  # weight-gradient detectors: ResNet-20's 20 weights
+                assert len(record["layers"]) == 20
 
 
 def test_gradient_norms_tell_in_from_out_distribution(demo):
@@ -66,7 +70,8 @@ def test_gradient_norms_tell_in_from_out_distribution(demo):
 
 
 def test_comparison_has_every_tracked_detector_and_the_baselines(demo):
-    for name, detectors in (("energy", {"min", "max", "pred", "gradnorm", "exgrad", "odin"}), ("bce", {"original"})):
+    for name, detectors in (("energy", {"min", "max", "pred", "gradnorm", "exgrad", "odin", "gaia_a", "gaia_z",
+                                        "nac_ue"}), ("bce", {"original"})):
         compared = json.loads((demo / "results" / "digits" / name / "compare" / "comparison.json").read_text())
         assert {row["name"] for row in compared["rows"]} == detectors | {"MSP", "Energy"}
         assert compared["datasets"] == [*OOD_SETS, "average"]

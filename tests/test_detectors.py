@@ -107,9 +107,11 @@ def test_a_sample_scores_the_same_in_any_batch(name):
 
 def test_detectors_state_their_sign_norm_and_headline():
     assert {name: d.sign for name, d in DETECTORS.items()} == {
-        "min": -1, "max": +1, "pred": -1, "gradnorm": +1, "exgrad": -1, "odin": +1, "original": +1}
+        "min": -1, "max": +1, "pred": -1, "gradnorm": +1, "exgrad": -1, "odin": +1, "original": +1, "gaia_a": -1,
+        "gaia_z": -1, "nac_ue": +1}
     assert {name: d.norm for name, d in DETECTORS.items()} == {
-        "min": 2, "max": 2, "pred": 2, "gradnorm": 1, "exgrad": 2, "odin": None, "original": 2}
+        "min": 2, "max": 2, "pred": 2, "gradnorm": 1, "exgrad": 2, "odin": None, "original": 2, "gaia_a": 2,
+        "gaia_z": 2, "nac_ue": 2}
     layers = ["conv1.weight", "fc.weight"]
     assert DETECTORS["gradnorm"].headline_row(layers) == "fc.weight"
     assert DETECTORS["exgrad"].headline_row(layers) == ExGrad.extra_row("fc.weight") == "fc.weight:L1"
@@ -125,7 +127,8 @@ def test_rows_per_sample_counts_each_shared_set_of_rows_once():
     assert rows_per_sample([detectors["min"]], 10) == 10
     assert rows_per_sample([detectors["pred"]], 10) == 1
     assert rows_per_sample([detectors["min"], detectors["max"], detectors["exgrad"]], 10) == 10
-    assert rows_per_sample(list(detectors.values()), 10) == 13  # K cross-entropy rows, pred, uniform, odin
+    # K cross-entropy rows, pred, uniform, odin, GAIA's 3, NAC's KL
+    assert rows_per_sample(list(detectors.values()), 10) == 17
 
 
 def test_the_plain_bce_definition_is_the_confounding_label():

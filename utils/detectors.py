@@ -14,6 +14,11 @@ the weight gradient dL/dW of each tracked layer. Each unit states:
 * ``reference(model, image)`` — its definition: a batch of one, ``loss.backward()``, ``p.grad`` read per
   layer, written as the paper's code does it. The tests hold the batched version to it in float64.
 
+Detectors of activation gradients (GAIA) name instead, in ``activations(model)``, the module outputs whose
+gradients they need and the per-channel rule that reduces them (``utils.per_sample.activation_rule``); the
+engine serves them from the same forward and backward pass. A row group may seed the features as well as the
+logits (``feature_gradients``).
+
 Adding a detector is one class here (and its test). Each sample's value is its batch-of-one value:
 nothing is ever averaged over a batch.
 
@@ -32,7 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import tracked_parameters
-from utils.per_sample import eval_mode, reference_norms, tf32_mode, tracked_layers, weight_gradient_norms
+from models.resnet import CifarResNet, ResNet18
+from models.wrn import WideResNet
+from utils.per_sample import FEATURES, eval_mode, reference_norms, tf32_mode, tracked_layers, weight_gradient_norms
 
 ALL_LAYERS = None
 
@@ -44,6 +51,7 @@ class Scores:
     total: torch.Tensor              # the same over all tracked weights together, (B,)
     chosen: torch.Tensor             # the label of the kept loss, (B,) int64; -1 where no single label is kept
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # further per-sample rows, e.g. a paper's form
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample vectors (B, D), e.g. NAC's states
 
 
 def _l2(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -94,16 +102,27 @@ class Detector:
     headline = "total"       # the row a comparison reports: "total" or "last" (see headline_row)
     last_layer_only = False  # ``--layers last``: only the last Linear layer is tracked (``last_layer_scores``)
     separate_pass = False    # computes its own values (``scores``) instead of the engine's weight-gradient norms
+    fits_on_training = False  # True: the rows are fit on the ID training images' file (NAC-UE, utils.coverage)
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def feature_gradients(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """dL/dfeatures (R, B, 1), broadcast over the head's inputs, of rows whose loss also depends on the pooled
+        features directly (GAIA's Σ of the features); None: the losses depend on the logits alone."""
+        return None
 
     def requests(self, last_layer: str) -> tuple[tuple[int, frozenset[str] | None], ...]:
         """The norms ``reduce`` needs of this detector's rows: (p, layers or ALL_LAYERS) each."""
         return ((self.norm, ALL_LAYERS),)
 
+    def activations(self, model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The activation gradients ``reduce`` needs after the norms: (rule kind, module outputs) each."""
+        return ()
+
     def reduce(self, norms: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
-        """Per-row norms (R, B) of each request, in order → one value per layer and sample."""
+        """Per-row norms (R, B) of each request, then each activation request's per-channel values (R, B, C) by
+        target, in order → one value per layer and sample."""
         raise NotImplementedError
 
     def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
@@ -369,10 +388,265 @@ def _normalised_inputs(model: nn.Module) -> Iterator[nn.Module]:
         model.normalize = normalize
 
 
+# GAIA (Chen et al., NeurIPS 2023): gradients at BatchNorm outputs rather than weights. Official code:
+# JGEthanChen/GAIA-OOD, cal_method.py (cal_grad_value, cal_zero) and hook.py (get_beforehead_hooks, get_bn_hooks).
+GAIA_PAPER = ("Chen, Li, Qu, Wang, Wan & Xiao, GAIA: Delving into Gradient-based Attribution Abnormality for "
+              "Out-of-distribution Detection, NeurIPS 2023")
+
+
+def batchnorms(module: nn.Module, prefix: str = "") -> tuple[str, ...]:
+    """The BatchNorm2d modules of ``module`` by name, in ``modules()`` order (the order of the official hooks)."""
+    return tuple(f"{prefix}{name}" for name, m in module.named_modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def gaia_a_targets(model: nn.Module) -> tuple[tuple[str, ...], str]:
+    """GAIA-A's hooked BatchNorm outputs and its pre-head target: the official ``get_beforehead_hooks`` choice,
+    mapped onto our architectures.
+
+    * ResNets (official ``resnet18/34/50``: every BatchNorm of ``layer3`` and ``layer4``, then ``layer4``'s output,
+      the feature map the head pools): every BatchNorm of the **last two stages** and the last stage's output.
+      ResNet-18 is the official network (``layer3``, ``layer4``, shortcut BatchNorms included); ResNet-20/32/56
+      have three stages, so ``layer2`` and ``layer3`` (option-A shortcuts: no BatchNorm there).
+    * WRN-40-2 (official ``wrn_40_2``: every BatchNorm, then the ``AdaptiveAvgPool2d`` output): every BatchNorm
+      and ``FEATURES``, the head's input, which is that pool's output flattened (ours pools functionally).
+    """
+    if isinstance(model, WideResNet):
+        return batchnorms(model), FEATURES
+    if isinstance(model, (CifarResNet, ResNet18)):
+        stages = [name for name in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, name)]
+        return sum((batchnorms(getattr(model, stage), f"{stage}.") for stage in stages[-2:]), ()), stages[-1]
+    raise ValueError(f"GAIA's layer choice is defined for the ResNets and WRN-40-2, not {type(model).__name__}")
+
+
+def _head(model: nn.Module) -> nn.Module:
+    """The module of the last tracked weight: the head, whose input is the pooled features."""
+    return list(tracked_layers(model).values())[-1]
+
+
+def _spatial_mean(grad: torch.Tensor) -> torch.Tensor:
+    """The official ``grad.mean(dim=(-1, -2))`` of a (B, C, H, W) gradient; a (B, C) one is already pooled."""
+    return grad.mean((-1, -2)) if grad.dim() == 4 else grad
+
+
+def _keep_gradients(model: nn.Module, names: Sequence[str], grads: dict[str, torch.Tensor]) -> list:
+    """hook.py's ``Grad_all_hook`` on each module of ``names``: a tensor hook on its output stores the gradient
+    there, overwritten by each backward pass. Returns the handles."""
+    modules = dict(model.named_modules())
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            output.register_hook(lambda grad: grads.__setitem__(name, grad.detach()))
+        return hook
+
+    return [modules[name].register_forward_hook(keep(name)) for name in names]
+
+
+class GaiaA(Detector):
+    """GAIA-A (``cal_grad_value``, ``before_head`` hooks; ``gaia_a_targets`` says which per architecture): two
+    backward passes. First L₁ = Σ_k log softmax(f(x))_k, dL₁/dz = 1 − K·softmax(z), and the output component
+    o = sqrt(mean_c |spatial mean of dL₁/dF_c|) at the pre-head target F. Then L₂ = Σ_c h_c, the sum of the
+    pooled features h (the head's input), and for each channel c of each hooked BatchNorm output a the inner
+    component |spatial mean of dL₂/da_c|. Score: the mean over every hooked channel of (inner / o)², as
+    ``cal_grad_value`` returns it; the official code ranks by its negation, so ID has the smaller value (sign −1).
+    Rows: per BatchNorm, the same mean over its channels (``total`` is their channel-weighted mean).
+    The engine back-propagates L₁ and L₂ as two rows of one batched pass (L₂ seeded at the features), so the
+    second backward costs one more row (measured in docs/detectors_second_generation.md)."""
+    name = "gaia_a"
+    paper = GAIA_PAPER
+    formula = "mean_c (|avg ∂Σh/∂a_c| / o)², o = sqrt(mean_c |avg ∂Σ_k log softmax_k/∂F_c|)"
+    rows = "gaia_a"
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.stack([1 - logits.shape[1] * logits.softmax(1), torch.zeros_like(logits)])
+
+    def feature_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        ones = logits.new_ones(len(logits), 1)
+        return torch.stack([torch.zeros_like(ones), ones])
+
+    def requests(self, last_layer: str) -> tuple:
+        return ()
+
+    def activations(self, model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        inner, head = gaia_a_targets(model)
+        return ("mean", (head,)), ("mean", inner)
+
+    def reduce(self, results: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
+        (head,), inner = results[0].values(), results[1]
+        output = head[0].abs().mean(1).sqrt().unsqueeze(1)  # (B, 1)
+        parts = {name: (grad[1].abs() / output).pow(2) for name, grad in inner.items()}  # (B, C) each
+        return Scores({name: part.mean(1) for name, part in parts.items()}, torch.cat(list(parts.values()), 1).mean(1),
+                      torch.full((len(logits),), -1, device=logits.device))
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        inner, head = gaia_a_targets(model)
+        grads, features = {}, {}
+
+        def keep_features(module: nn.Module, args: tuple) -> None:  # the official net.before_head_data
+            features["h"] = args[0]
+            if head == FEATURES:  # WRN: the official hook on the pool's output
+                args[0].register_hook(lambda grad: grads.__setitem__(FEATURES, grad.detach()))
+
+        handles = _keep_gradients(model, [*inner, *[head][:head != FEATURES]], grads)
+        handles.append(_head(model).register_forward_pre_hook(keep_features))
+        try:
+            model.zero_grad()
+            y = model(image[None])
+            F.log_softmax(y, dim=-1).sum().backward(retain_graph=True)
+            output = _spatial_mean(grads[head]).abs().mean(dim=1).sqrt().unsqueeze(1)
+            features["h"].sum().backward()
+            parts = [(_spatial_mean(grads[name]).abs() / output).pow(2) for name in inner]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {**{name: part.mean().item() for name, part in zip(inner, parts)},
+                "total": torch.cat(parts, 1).mean().item(), "class": -1}
+
+
+class GaiaZ(Detector):
+    """GAIA-Z (``cal_zero``, ``bn`` hooks: every BatchNorm2d of the network, ``get_bn_hooks``, for every
+    architecture): one backward pass of the largest logit, L = max_k f(x)_k (dL/dz = e_argmax). For each channel
+    c of each BatchNorm output, ρ_c = the fraction of its gradient entries that are not exactly zero (zeros come
+    from ReLUs that are off). Score: the mean over every channel of ρ_c², as ``cal_zero`` returns it; ranked by its
+    negation, so ID has the smaller value (sign −1). Rows: per BatchNorm, the same mean over its channels."""
+    name = "gaia_z"
+    paper = GAIA_PAPER
+    formula = "mean_c ρ_c², ρ_c = fraction of non-zero entries of ∂max_k f_k/∂a_c at every BatchNorm output a"
+    rows = "max_logit"
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype).unsqueeze(0)
+
+    def requests(self, last_layer: str) -> tuple:
+        return ()
+
+    def activations(self, model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        return (("nonzero", batchnorms(model)),)
+
+    def reduce(self, results: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
+        parts = {name: fraction[0].pow(2) for name, fraction in results[0].items()}
+        return Scores({name: part.mean(1) for name, part in parts.items()}, torch.cat(list(parts.values()), 1).mean(1),
+                      logits.argmax(1))
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        names, grads = batchnorms(model), {}
+        handles = _keep_gradients(model, names, grads)
+        try:
+            model.zero_grad()
+            y = model(image[None])
+            y.max(dim=1).values.sum().backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        squares = [torch.where(grads[name] != 0, 1.0, 0.0).to(y.dtype).mean(dim=(-1, -2)).pow(2) for name in names]
+        return {**{name: part.mean().item() for name, part in zip(names, squares)},
+                "total": torch.cat(squares, 1).mean().item(), "class": int(y.argmax(1))}
+
+
+# NAC-UE (Liu et al., ICLR 2024): neuron states from activation ⊙ gradient, scored by their coverage of the ID
+# training states. Official code: BierOne/ood_coverage, openood/postprocessors/nac (coverage.py KMNC/Estimator,
+# instr_state.py kl_grad, utils.py get_state_func/avg_pooling) and configs/postprocessors/nac/resnet/*.yml.
+NAC_PAPER = ("Liu, Tian, Li, Ma & Wang, Neuron Activation Coverage: Rethinking Out-of-distribution Detection and "
+             "Generalization, ICLR 2024")
+# The official ResNet-18 hyper-parameters of each layer, from the head down (avgpool, layer3, layer2, layer1):
+# the sigmoid's steepness α, the histogram's bins M and the count O at which a bin is fully covered.
+NAC_HYPER = {10: ((100, 50, 50), (1000, 500, 100), (0.001, 50, 5), (0.001, 500, 100)),   # nac_cifar10.yml
+             100: ((50, 50, 50), (10, 1000, 500), (1, 50, 500), (0.005, 50, 5))}         # nac_cifar100.yml
+
+
+def nac_layers(model: nn.Module) -> tuple[str, ...]:
+    """NAC-UE's layers, from the head down: the official CIFAR choice (ResNet-18: ``avgpool layer3 layer2
+    layer1``, the pooled features and the outputs of the three stages before the last) mapped onto ours: the
+    pooled features (``FEATURES``) and the outputs of every stage but the last (whose pooled output they are).
+    ResNet-18: features, layer3, layer2, layer1; ResNet-20/32/56: features, layer2, layer1; WRN-40-2: features,
+    block2, block1."""
+    if isinstance(model, WideResNet):
+        return FEATURES, "block2", "block1"
+    if isinstance(model, (CifarResNet, ResNet18)):
+        stages = [name for name in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, name)]
+        return FEATURES, *stages[-2::-1]
+    raise ValueError(f"NAC-UE's layer choice is defined for the ResNets and WRN-40-2, not {type(model).__name__}")
+
+
+def nac_hyper(num_classes: int, num_layers: int) -> tuple[tuple[float, int, int], ...]:
+    """(α, M, O) of each of NAC-UE's layers, from the head down: the official CIFAR-100 values for a 100-class
+    model, the CIFAR-10 ones otherwise (our choice; there are none for other data sets). ResNet-20 and WRN-40-2
+    have three layers and take the first three."""
+    return NAC_HYPER[100 if num_classes == 100 else 10][:num_layers]
+
+
+def _nac_state(attribution: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The official ``sigmoid(o*g_kl)`` state, 1 / (1 + exp(−α·x)), of x = (pooled activation)·(pooled gradient)."""
+    return 1 / (1 + torch.exp(-alpha * attribution))
+
+
+class NacUE(Detector):
+    """NAC-UE: L = KL(uniform ‖ softmax) up to a constant, Σ_k −(1/K) log softmax(f(x))_k (the official
+    ``kl_grad``), dL/dz = softmax(z) − 1/K. For each neuron (channel) c of each layer (``nac_layers``), its state
+    s_c = sigmoid(α · (Σ_s a_cs) · (Σ_s ∂L/∂a_cs)): the activation and its gradient each *summed* over the
+    spatial positions (the official ``avg_pooling`` sums, "the denominator can be scaled by the sigmoid"), then
+    multiplied. The states are this unit's per-sample output (the file's ``features``, one (N, C) array per
+    layer); its score needs a fit on ID training images (``utils.coverage``: a histogram of M bins per neuron,
+    coverage min(count/O, 1); score = mean over layers of the mean over neurons of the coverage of the sample's
+    bin), which tracking makes from ``train.pkl``. Higher coverage means in-distribution (sign +1).
+    From the pass alone (``gradient_scores``), ``layers`` and ``total`` hold each layer's mean state and their
+    mean, summaries that tracking replaces by the coverage scores."""
+    name = "nac_ue"
+    paper = NAC_PAPER
+    formula = "mean_l mean_c coverage_lc(bin of sigmoid(α·Σ_s a_c·Σ_s ∂KL(u‖p)/∂a_c)), fit on ID training images"
+    rows = "kl_uniform"
+    sign = +1
+    fits_on_training = True
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits.softmax(1) - 1 / logits.shape[1]).unsqueeze(0)
+
+    def requests(self, last_layer: str) -> tuple:
+        return ()
+
+    def activations(self, model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        return (("pooled_product", nac_layers(model)),)
+
+    def reduce(self, results: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
+        alphas = [alpha for alpha, _, _ in nac_hyper(logits.shape[1], len(results[0]))]
+        states = {name: _nac_state(product[0], alpha) for (name, product), alpha in zip(results[0].items(), alphas)}
+        layers = {name: state.mean(1) for name, state in states.items()}
+        return Scores(layers, torch.stack(list(layers.values())).mean(0),
+                      torch.full((len(logits),), -1, device=logits.device), features=states)
+
+    def reference_states(self, model: nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each layer's neuron states (C,) for one image, as the official ``assess_ood`` computes them: the layer
+        outputs retained in the graph, ``kl_grad`` (``torch.autograd.grad`` of the summed loss) for each, both
+        sum-pooled over space, ``sigmoid(o*g_kl)``."""
+        names, kept, modules = nac_layers(model), {}, dict(model.named_modules())
+
+        def keep(name: str):
+            return lambda module, args, output: kept.__setitem__(name, output)
+
+        handles = [modules[name].register_forward_hook(keep(name)) for name in names if name != FEATURES]
+        handles.append(_head(model).register_forward_pre_hook(lambda module, args: kept.__setitem__(FEATURES, args[0])))
+        try:
+            outputs = model(image[None])
+        finally:
+            for handle in handles:
+                handle.remove()
+        targets = torch.ones_like(outputs) / outputs.shape[-1]
+        loss = torch.sum(-targets * F.log_softmax(outputs, dim=-1), dim=-1)
+        states = {}
+        for i, (name, (alpha, _, _)) in enumerate(zip(names, nac_hyper(outputs.shape[1], len(names)))):
+            grad = torch.autograd.grad(loss.sum(), kept[name], retain_graph=i < len(names) - 1)[0]
+            pool = (lambda t: t.sum(dim=[2, 3])) if grad.dim() > 2 else (lambda t: t)
+            states[name] = _nac_state(pool(kept[name].detach()) * pool(grad), alpha)[0]
+        return states
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        layers = {name: state.mean().item() for name, state in self.reference_states(model, image).items()}
+        return {**layers, "total": sum(layers.values()) / len(layers), "class": -1}
+
+
 DETECTORS: dict[str, Detector] = {d.name: d for d in (
     CrossEntropy("min", "min_k ‖∇_W CE(f(x), k)‖₂ (the class with the smallest total norm)", sign=-1),
     CrossEntropy("max", "max_k ‖∇_W CE(f(x), k)‖₂ (the class with the largest total norm)", sign=+1),
-    Predicted(), GradNorm(), ExGrad(), ODIN(), ConfoundingLabel())}
+    Predicted(), GradNorm(), ExGrad(), ODIN(), ConfoundingLabel(), GaiaA(), GaiaZ(), NacUE())}
 CONFOUNDING = DETECTORS["original"]
 TRACK_GRADIENT_SCORES = tuple(name for name, d in DETECTORS.items() if d.script == "track_gradient.py")
 
@@ -422,14 +696,17 @@ def _engine_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detect
     last_layer = list(tracked_parameters(model))[-1]
     groups = list({d.rows: d for d in detectors}.values())  # one detector per distinct set of rows builds them
     group_of = {d.rows: i for i, d in enumerate(groups)}
-    requests = list(dict.fromkeys((group_of[d.rows], p, layers) for d in detectors
-                                  for p, layers in d.requests(last_layer)))
+    wanted = {d.name: (*d.requests(last_layer), *d.activations(model)) for d in detectors}
+    requests = list(dict.fromkeys((group_of[d.rows], *request) for d in detectors for request in wanted[d.name]))
+
+    def rows(logits: torch.Tensor) -> list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        seeds = [(d.output_gradients(logits), d.feature_gradients(logits)) for d in groups]
+        return [logit_rows if features is None else (logit_rows, features) for logit_rows, features in seeds]
+
     with eval_mode(model):
-        logits, results = weight_gradient_norms(model, x, lambda z: [d.output_gradients(z) for d in groups],
-                                                tuple(requests), tf32)
+        logits, results = weight_gradient_norms(model, x, rows, tuple(requests), tf32)
     by_request = dict(zip(requests, results))
-    scores = {d.name: d.reduce([by_request[group_of[d.rows], p, layers] for p, layers in d.requests(last_layer)],
-                               logits)
+    scores = {d.name: d.reduce([by_request[(group_of[d.rows], *request)] for request in wanted[d.name]], logits)
               for d in detectors}
     return logits, scores
 

@@ -1,4 +1,5 @@
-"""The engine: per-sample weight-gradient norms of a whole batch, without a loop over samples.
+"""The engine: per-sample weight-gradient norms (and activation gradients) of a whole batch, without a loop over
+samples.
 
 For a layer y = W·a (a Linear, or a convolution seen as a matrix product over unfolded input patches), one
 sample's weight gradient is  dL/dW = Σ_s g_s a_sᵀ  over the output positions s, where a_s is the input
@@ -14,6 +15,12 @@ Ampere and later GPUs, which moves gradient norms by ~1e-3 relative.
 A rule, registered by layer type (``@norm_rule(nn.Linear)``), computes Σ |dL/dW|^p for p = 1 or 2 of
 every (row, sample): supporting a new layer type is one function. Each sample's gradient is that of a
 batch of one when the model is in eval mode (``eval_mode``).
+
+The same pass serves detectors that differentiate to *activations* (GAIA, NAC-UE): forward hooks keep the
+outputs of the modules they name (or ``FEATURES``, the head's input), the one backward pass also yields the
+gradient there, and an *activation rule*, registered by kind (``@activation_rule("mean")``), reduces it to
+one value per (row, sample, channel). A row group may also seed the backward at the features instead of the
+logits (GAIA back-propagates Σ of the pooled features): it is one more row of the same batched pass.
 """
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -111,6 +118,47 @@ def conv2d_norms(module: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p
     return _explicit(g, _patches(module, inputs), p)
 
 
+FEATURES = "features"
+"""An activation target: the input of the model's head (its last tracked layer, a Linear), the pooled
+penultimate features. Every other target names a module (``named_modules()``) whose output is meant."""
+
+ActivationRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_ACTIVATION_RULES: dict[str, tuple[ActivationRule, int]] = {}
+
+
+def activation_rule(kind: str, degree: int = 1) -> Callable[[ActivationRule], ActivationRule]:
+    """Register ``rule(activations (B, C, ...), grads (R, B, C, ...)) -> (R, B, C)``: one value per channel of
+    the gradient at a module's output. ``degree``: how the value scales with the gradient (1: linearly, 0: not at
+    all), so that the engine can undo its unit scaling of dL/dlogits."""
+    def register(rule: ActivationRule) -> ActivationRule:
+        _ACTIVATION_RULES[kind] = rule, degree
+        return rule
+    return register
+
+
+def _per_channel(values: torch.Tensor) -> torch.Tensor:
+    """(R, B, C, ...) → (R, B, C, S): the S spatial positions of each channel (S = 1 for a (R, B, C) input)."""
+    return values.reshape(*values.shape[:3], -1)
+
+
+@activation_rule("mean")
+def gradient_mean(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """The spatial mean of the gradient in each channel (GAIA-A)."""
+    return _per_channel(grads).mean(3)
+
+
+@activation_rule("nonzero", degree=0)
+def nonzero_fraction(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """The fraction of the channel's gradient entries that are not exactly zero (GAIA-Z)."""
+    return (_per_channel(grads) != 0).to(grads.dtype).mean(3)
+
+
+@activation_rule("pooled_product")
+def pooled_product(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """The activation summed over space times the gradient summed over space, per channel (NAC-UE's o·g)."""
+    return _per_channel(activations.unsqueeze(0)).sum(3) * _per_channel(grads).sum(3)
+
+
 def _rule(name: str, module: nn.Module) -> NormRule:
     rule = _RULES.get(type(module))
     if isinstance(module, nn.Conv2d) and not (module.groups == 1 and module.padding_mode == "zeros"
@@ -188,66 +236,107 @@ def reference_norms(model: nn.Module, image: torch.Tensor,
 NormRequest = tuple[int, int, frozenset[str] | None]
 """(group, p, layers): the p-norm (p = 1 or 2) of the weight gradients of the losses of row group ``group``,
 for ``layers`` (None: every tracked layer)."""
+ActivationRequest = tuple[int, str, tuple[str, ...]]
+"""(group, kind, targets): activation rule ``kind`` of the gradients of row group ``group`` at each target's
+output (``FEATURES``: the head's input)."""
+RowGroup = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""dL/dlogits (R, B, K) of R per-sample losses; or (dL/dlogits, dL/dfeatures (R, B, 1), broadcast over the
+features) for losses that also (or only) depend on the features directly."""
 
 
 def weight_gradient_norms(model: nn.Module, x: torch.Tensor,
-                          output_grads: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]],
-                          requests: tuple[NormRequest, ...] = ((0, 2, None),), tf32: bool = False
+                          output_grads: Callable[[torch.Tensor], RowGroup | list[RowGroup]],
+                          requests: tuple[NormRequest | ActivationRequest, ...] = ((0, 2, None),), tf32: bool = False
                           ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """One forward pass of ``x`` (B images) and one batched backward pass.
 
     ``output_grads(logits)`` gives dL/dlogits, (R, B, K), for R per-sample losses L, or a list of such row
-    groups, all back-propagated together. Returns the logits (B, K) and, for each request ``(group, p,
-    layers)``, a dict: for each of those tracked weights W in model order, the p-norm ‖dL/dW‖_p of each loss
-    of that group for every sample, (R_group, B). The backward pass carries each
-    dL/dlogits scaled to unit length (the gradients are linear in it), so tiny gradients of confident
-    predictions neither underflow nor lose precision. TF32 is off throughout unless ``tf32`` (to measure it).
+    groups (``RowGroup``: a group may seed the features too), all back-propagated together. Returns the logits
+    (B, K) and, for each request, a dict: for ``(group, p, layers)``, for each of those tracked weights W in
+    model order, the p-norm ‖dL/dW‖_p of each loss of that group for every sample, (R_group, B); for
+    ``(group, kind, targets)``, for each target, the activation rule's values (R_group, B, C). The backward
+    pass carries each row scaled to unit length (the gradients are linear in it), so tiny gradients of
+    confident predictions neither underflow nor lose precision. TF32 is off throughout unless ``tf32``.
     """
     with tf32_mode(tf32):
-        return _weight_gradient_norms(model, x, output_grads, requests)
+        return _gradients(model, x, output_grads, requests)
 
 
-def _weight_gradient_norms(model: nn.Module, x: torch.Tensor,
-                           output_grads: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]],
-                           requests: tuple[NormRequest, ...]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+def _gradients(model: nn.Module, x: torch.Tensor, output_grads: Callable[[torch.Tensor], RowGroup | list[RowGroup]],
+               requests: tuple[NormRequest | ActivationRequest, ...]
+               ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     layers = tracked_layers(model)
-    inputs, outputs = {}, {}
+    head = list(layers)[-1]
+    modules = dict(model.named_modules())
+    activation_targets = list(dict.fromkeys(t for _, kind, targets in requests if isinstance(kind, str)
+                                            for t in targets))
+    weight_targets = [name for name in layers if any(
+        not isinstance(kind, str) and (wanted is None or name in wanted) for _, kind, wanted in requests)]
+    inputs, outputs, activations = {}, {}, {}
 
     def keep(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if name in outputs:
                 raise ValueError(f"{name} is used twice in one forward pass; its per-sample gradient is not tracked")
             inputs[name], outputs[name] = args[0].detach(), output
+            if name == head:
+                activations[FEATURES] = args[0]
         return hook
 
+    def keep_activation(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if name in activations:
+                raise ValueError(f"{name} is used twice in one forward pass; its output gradient is ambiguous")
+            activations[name] = output
+        return hook
+
+    unknown = [t for t in activation_targets if t != FEATURES and t not in modules]
+    if unknown:
+        raise ValueError(f"no module named {', '.join(unknown)} in {type(model).__name__}")
     handles = [module.register_forward_hook(keep(name)) for name, module in layers.items()]
+    handles += [modules[t].register_forward_hook(keep_activation(t)) for t in activation_targets if t != FEATURES]
     try:
         with torch.enable_grad():
             logits = model(x)
     finally:
         for handle in handles:
             handle.remove()
-    unused = [name for name in layers if name not in outputs]
+    unused = [name for name in layers if name not in outputs] + [t for t in activation_targets if t not in activations]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not used in the forward pass")
     groups = output_grads(logits.detach())
-    groups = [groups] if isinstance(groups, torch.Tensor) else groups
-    bounds = torch.tensor([0, *(len(g) for g in groups)]).cumsum(0).tolist()
-    cotangents = torch.cat(groups)
-    scale = torch.linalg.vector_norm(cotangents, dim=2).clamp_min(torch.finfo(cotangents.dtype).tiny)  # (R, B)
-    unit = cotangents / scale.unsqueeze(2)
-    targets = [outputs[name] for name in layers]
-    if len(unit) == 1:  # one loss per sample: a plain backward pass, no vmap over the losses
-        grads = [grad.unsqueeze(0) for grad in torch.autograd.grad(logits, targets, unit[0])]
+    groups = [groups] if isinstance(groups, (torch.Tensor, tuple)) else groups
+    groups = [(g, None) if isinstance(g, torch.Tensor) else g for g in groups]
+    bounds = torch.tensor([0, *(len(g) for g, _ in groups)]).cumsum(0).tolist()
+    features = activations.get(FEATURES)
+    seeds = [torch.cat([g for g, _ in groups])]
+    if any(f is not None for _, f in groups):
+        width = features.shape[1]
+        seeds.append(torch.cat([g.new_zeros(*g.shape[:2], width) if f is None else f.expand(-1, -1, width)
+                                for g, f in groups]))
+    scale = torch.linalg.vector_norm(torch.cat(seeds, 2), dim=2).clamp_min(torch.finfo(seeds[0].dtype).tiny)  # (R, B)
+    units = [seed / scale.unsqueeze(2) for seed in seeds]
+    sources = [logits, features][:len(seeds)]
+    targets = [outputs[name] for name in weight_targets] + [activations[t] for t in activation_targets]
+    if len(scale) == 1:  # one loss per sample: a plain backward pass, no vmap over the losses
+        grads = [grad.unsqueeze(0) for grad in torch.autograd.grad(sources, targets, [u[0] for u in units])]
     else:
-        grads = torch.autograd.grad(logits, targets, unit, is_grads_batched=True)
+        grads = torch.autograd.grad(sources, targets, units, is_grads_batched=True)
+    weight_grads = dict(zip(weight_targets, grads))
+    activation_grads = dict(zip(activation_targets, grads[len(weight_targets):]))
     results = []
-    for group, p, wanted in requests:
+    for group, kind, wanted in requests:
         rows = slice(bounds[group], bounds[group + 1])
-        norms = {}
-        for (name, module), grad in zip(layers.items(), grads):
-            if wanted is None or name in wanted:
-                power_sum = _rule(name, module)(module, inputs[name], grad[rows], p)
-                norms[name] = scale[rows] * (power_sum.sqrt() if p == 2 else power_sum)
-        results.append(norms)
+        found = {}
+        if isinstance(kind, str):
+            rule, degree = _ACTIVATION_RULES[kind]
+            for target in wanted:
+                found[target] = rule(activations[target].detach(), activation_grads[target][rows])
+                found[target] = found[target] * scale[rows].unsqueeze(2) ** degree
+        else:
+            for name in weight_targets:
+                if wanted is None or name in wanted:
+                    power_sum = _rule(name, layers[name])(layers[name], inputs[name], weight_grads[name][rows], kind)
+                    found[name] = scale[rows] * (power_sum.sqrt() if kind == 2 else power_sum)
+        results.append(found)
     return logits.detach(), results

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from models import ARCHS
 from utils import cli
 from utils.checkpoints import load_model
+from utils.coverage import fit_record, score_record
 from utils.data import IN_DATASETS, OOD_DATASETS, check_dataset_name, dataset_available, get_dataset
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
 from utils.energy import energy_score
@@ -60,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                             help="the detector: min/max/pred keep the smallest, largest or predicted label's of "
                                  "the K cross-entropy gradients; gradnorm (L1, Huang et al. 2021); exgrad (their "
                                  "expectation under the prediction, Igoe et al. 2022); odin (input perturbation, "
-                                 "Liang et al. 2018); all: every one of them, one file each")
+                                 "Liang et al. 2018); gaia_a/gaia_z (gradients at BatchNorm outputs, Chen et al. "
+                                 f"2023); nac_ue (neuron activation coverage, Liu et al. 2024, fit on --dataset "
+                                 f"{TRAIN_SPLIT}, tracked first); all: every one of them, one file each")
         parser.add_argument("--temperature", type=float, default=1.0, help="GradNorm's temperature T, 1 in the paper")
         parser.add_argument("--odin-temperature", type=float, default=1000.0,
                             help="ODIN's temperature T, 1000 in the paper")
@@ -77,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                         help="the architecture expected; an error if the checkpoint holds another")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="gradients back-propagated at once, which bounds memory: an image costs K of them "
-                             "for min/max/exgrad (one per class), one for pred/gradnorm/odin/the confounding "
-                             "label, K + 3 for --score=all; one with --layers last (no backward pass)")
+                             "for min/max/exgrad (one per class), one for pred/gradnorm/odin/gaia_z/nac_ue/the "
+                             "confounding label, two for gaia_a, K + 7 for --score=all; one with --layers last "
+                             "(no backward pass)")
     parser.add_argument("--limit", type=int, metavar="N",
                         help=f"track only the first N samples of each set (--dataset {TRAIN_SPLIT}: N random images)")
     parser.add_argument("--shard", metavar="I/N", type=_shard,
@@ -148,6 +152,8 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
                 add(f"{name}/layers/{layer}", values.float())
             for row, values in out.extra.items():
                 add(f"{name}/extra/{row}", values.float())
+            for vector, values in out.features.items():
+                add(f"{name}/features/{vector}", values.float())
             add(f"{name}/total", out.total.float())
             add(f"{name}/class", out.chosen)
         add("pred", logits.argmax(1))
@@ -162,19 +168,28 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
         return {key.removeprefix(prefix): value for key, value in arrays.items() if key.startswith(prefix)}
 
     return {d.name: new_record(model_info, d, dataset_name, group(f"{d.name}/layers/"), group(f"{d.name}/extra/"),
-                               total=arrays[f"{d.name}/total"], **{"class": arrays[f"{d.name}/class"]},
+                               group(f"{d.name}/features/"), total=arrays[f"{d.name}/total"],
+                               **{"class": arrays[f"{d.name}/class"]},
                                **{key: arrays[key] for key in ("pred", "label", "msp", "energy")})
             for d in detectors}
 
 
-def _is_current(path: Path, model_info: dict, num_samples: int, options: dict, shard: dict | None = None) -> bool:
+def _is_current(path: Path, model_info: dict, num_samples: int | None, options: dict,
+                shard: dict | None = None) -> bool:
     """Whether ``path`` holds a readable record of this model, detector options and ``num_samples`` samples
-    (and this shard)."""
+    (None: any number) and this shard; a NAC-UE record also of the current training file's fit."""
     try:
         record = load_gradients(path)
     except GradientFileError:
         return False
-    return (record["model"] == model_info and record["num_samples"] == num_samples
+    if "fit" in record and record["dataset"] != TRAIN_SPLIT:
+        try:
+            fit = load_gradients(path.with_name(f"{TRAIN_SPLIT}.pkl")).get("fit")
+        except GradientFileError:
+            return False
+        if record["fit"] != fit:
+            return False
+    return (record["model"] == model_info and num_samples in (None, record["num_samples"])
             and record.get("options", {}) == options and record.get("shard") == shard)
 
 
@@ -227,6 +242,9 @@ def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, datase
         todo = [d for d in detectors if not (only_if_stale and _is_current(
             part.path(finals[d.name]), model_info, part.stop - part.start, d.options(), shard))]
         records = track(model, model_info, dataset, dataset_name, todo, part, device, workers) if todo else {}
+        for detector in todo:
+            if detector.fits_on_training:
+                records[detector.name] = score_on_training_fit(records[detector.name], detector, dataset_name, args)
         for name, record in records.items():
             if shard:
                 record["shard"] = shard
@@ -237,6 +255,20 @@ def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, datase
         for final in finals.values():
             if merge(part, final):
                 print(f"merged {part.count} shards into {final}")
+
+
+def score_on_training_fit(record: dict, detector: Detector, dataset_name: str, args: argparse.Namespace) -> dict:
+    """NAC-UE's rows: the coverage scores of the record's states under the fit on the training split's file
+    (``utils.coverage``); the training split itself is scored under its own fit."""
+    if dataset_name == TRAIN_SPLIT:
+        return score_record(record, fit_record(record))
+    path = gradient_path(record["model"]["in_dataset"], record["model"]["name"], detector.name, TRAIN_SPLIT,
+                         args.gradient_root)
+    train_record = load_gradients(path)
+    if train_record["model"] != record["model"]:
+        raise UserError(f"{path} comes from another checkpoint than the model tracked now; re-track it with `python "
+                        f"track_gradient.py --name={args.name} --dataset={TRAIN_SPLIT} --score={detector.name}`")
+    return score_record(record, fit_record(train_record))
 
 
 def detectors_from(args: argparse.Namespace) -> list[Detector]:
@@ -264,6 +296,11 @@ def main(args: argparse.Namespace) -> None:
         if getattr(args, option, 1.0) <= 0:
             raise UserError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}.")
     detectors = detectors_from(args)
+    if args.shard and any(d.fits_on_training for d in detectors) and (args.dataset == TRAIN_SPLIT or not (
+            gradient_path(args.in_dataset, args.name, "nac_ue", TRAIN_SPLIT, args.gradient_root).is_file())):
+        raise UserError(f"NAC-UE is fit on the whole training split's file: track it in one process first "
+                        f"(`python track_gradient.py --name={args.name} --dataset={TRAIN_SPLIT} --score=nac_ue`), "
+                        "then shard the test sets.")
     device = get_device(args.gpu)
     workers = loader_workers(args.workers, device)
     model, meta = load_model(args.in_dataset, args.name, args.epoch, device, args.checkpoint_root, args.model_arch)
@@ -278,6 +315,14 @@ def main(args: argparse.Namespace) -> None:
         names = [args.dataset if args.dataset == TRAIN_SPLIT else check_dataset_name(args.dataset)]
     datasets = {name: training_subset(args.in_dataset, args.data_root, args.limit) if name == TRAIN_SPLIT
                 else get_dataset(name, args.data_root) for name in [args.in_dataset, *names]}
+    fitted = [d for d in detectors if d.fits_on_training and TRAIN_SPLIT not in names and not _is_current(
+        gradient_path(args.in_dataset, args.name, d.name, TRAIN_SPLIT, args.gradient_root), model_info, None,
+        d.options())]
+    if fitted:  # NAC-UE's fit data, of any size: tracked first when missing or of another checkpoint
+        track_and_save(model, model_info, TRAIN_SPLIT, training_subset(args.in_dataset, args.data_root, args.limit),
+                       fitted, args, device, workers, only_if_stale=False)
+    if TRAIN_SPLIT in names and any(d.fits_on_training for d in detectors):
+        datasets = {TRAIN_SPLIT: datasets.pop(TRAIN_SPLIT), **datasets}  # the fit before the sets scored under it
     for name, dataset in datasets.items():
         track_and_save(model, model_info, name, dataset, detectors, args, device, workers,
                        only_if_stale=name == args.in_dataset)
