@@ -177,7 +177,7 @@ def main() -> None:
     detectors = chosen(args.score)
     if args.layers == "last":
         model = make_model(args.arch, args.device)
-        detectors = [d for d in detectors if not d.separate_pass]
+        detectors = [d for d in detectors if d.has_weight_gradients]
         print(f"{args.arch}, --layers last, {', '.join(d.name for d in detectors)}, n = {args.n}, device "
               f"{args.device}, {torch.get_num_threads()} threads")
         last_layer_report(model, images(args.n, args.device), detectors, args.batch_size, args.device)

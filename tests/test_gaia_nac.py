@@ -21,8 +21,9 @@ from tests.test_track_gradient import run as run_tracking
 from utils.coverage import coverage_scores, fit_record, score_record, thresholds
 from utils.detectors import DETECTORS, NAC_HYPER, batchnorms, gaia_a_targets, gradient_scores, nac_layers
 from utils.gradients import save_gradients
-from utils.metrics import detection_score, ood_metrics
+from utils.metrics import ood_metrics
 from utils.per_sample import FEATURES
+from utils.tables import detection_score
 
 pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 

@@ -32,7 +32,7 @@ def tracked_detectors(model_folder: str | Path, last_layer: bool = False) -> lis
     one (the confounding label's is ``original``), in ``DETECTORS`` order; other folders are ignored. With
     ``last_layer``, those of ``--layers last`` (``<name>-last``)."""
     detectors = [d.on_last_layer() if last_layer else d for d in DETECTORS.values()
-                 if not (last_layer and d.separate_pass)]
+                 if d.has_weight_gradients or not last_layer]
     return [d for d in detectors if (Path(model_folder) / d.folder).is_dir()]
 
 

@@ -140,9 +140,15 @@ class Detector:
         (so that last-layer files and full ones never replace each other)."""
         return f"{self.name}-last" if self.last_layer_only else self.name
 
+    @property
+    def has_weight_gradients(self) -> bool:
+        """Whether its values are norms of weight gradients, which ``--layers last`` can restrict to the last layer
+        (not ODIN's input perturbation, nor GAIA's and NAC-UE's activation gradients)."""
+        return not self.separate_pass and bool(self.requests(""))
+
     def on_last_layer(self) -> "Detector":
         """This detector tracking only the last Linear layer (``--layers last``)."""
-        if self.separate_pass:
+        if not self.has_weight_gradients:
             raise ValueError(f"{self.name} has no per-layer weight gradients; --layers last does not apply to it")
         last = copy.copy(self)
         last.last_layer_only = True

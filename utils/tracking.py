@@ -281,10 +281,10 @@ def detectors_from(args: argparse.Namespace) -> list[Detector]:
                               getattr(args, "epsilon", 0.0014)) for name in names]
     if args.layers == "all":
         return detectors
-    if score != "all" and detectors[0].separate_pass:
+    if score != "all" and not detectors[0].has_weight_gradients:
         raise UserError(f"--layers last tracks the last layer's weight gradient; --score={score} has none "
-                        "(ODIN perturbs the input). Leave out --layers.")
-    return [d.on_last_layer() for d in detectors if not d.separate_pass]
+                        "(ODIN perturbs the input; GAIA and NAC-UE differentiate activations). Leave out --layers.")
+    return [d.on_last_layer() for d in detectors if d.has_weight_gradients]
 
 
 def main(args: argparse.Namespace) -> None:
