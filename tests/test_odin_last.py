@@ -11,7 +11,7 @@ import track_gradient
 from models import tracked_parameters
 from tests.test_detectors import as_rows, assert_matches
 from tests.test_track_gradient import load, make_checkpoint, run
-from utils.detectors import DETECTORS, ODIN, _ce_losses, get_detector, gradient_scores, rows_per_sample
+from utils.detectors import DETECTORS, ODIN, ce_losses, get_detector, gradient_scores, rows_per_sample
 from utils.errors import UserError
 from utils.gradients import gradient_path, load_gradients
 from utils.per_sample import reference_norms
@@ -113,7 +113,7 @@ def test_last_layer_min_and_max_keep_the_class_by_that_layer(name):
     x = images(3, 5)
     last = gradient_scores(model, x, [DETECTORS[name].on_last_layer()])[1][name]
     for i, image in enumerate(x):
-        fc_norms = reference_norms(model, image, _ce_losses)[:, -1]  # (K,)
+        fc_norms = reference_norms(model, image, ce_losses)[:, -1]  # (K,)
         k = int(fc_norms.argmin() if name == "min" else fc_norms.argmax())
         assert int(last.chosen[i]) == k
         assert last.total[i].item() == pytest.approx(fc_norms[k].item(), rel=1e-10)

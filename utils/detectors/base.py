@@ -1,0 +1,138 @@
+"""What every detector unit is (``Detector``), what it returns (``Scores``), and the helpers the units share:
+the cross-entropy rows without cancellation, norms over layers, and the reference loops' bookkeeping."""
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import tracked_parameters
+
+ALL_LAYERS = None
+
+
+
+@dataclass
+class Scores:
+    """One detector's values for each sample of a batch of B."""
+    layers: dict[str, torch.Tensor]  # per tracked weight, model order: the detector's norm of it, (B,)
+    total: torch.Tensor              # the same over all tracked weights together, (B,)
+    chosen: torch.Tensor             # the label of the kept loss, (B,) int64; -1 where no single label is kept
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # further per-sample rows, e.g. a paper's form
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample vectors (B, D), e.g. NAC's states
+
+
+
+def l2_norm(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The L2 norm along ``dim``, scaled by the largest entry first so that tiny values do not underflow."""
+    largest = values.amax(dim, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+    return largest.squeeze(dim) * (values / largest).pow(2).sum(dim).sqrt()
+
+
+
+def total_norm(layers: dict[str, torch.Tensor], p: int) -> torch.Tensor:
+    """The p-norm over all tracked weights together from the per-layer p-norms (stacked on dim 0)."""
+    stacked = torch.stack(list(layers.values()))
+    return l2_norm(stacked, 0) if p == 2 else stacked.sum(0)
+
+
+
+def cross_entropy_rows(logits: torch.Tensor) -> torch.Tensor:
+    """dL/dlogits of the cross-entropy with each label k, softmax(z) − e_k: (K, B, K).
+
+    Computed without cancellation: p_k − 1 as −Σ_{j≠k} p_j. (Autograd's softmax(z) − e_k rounds p_k − 1 to 0
+    once p_k is within float precision of 1, a confident prediction.)"""
+    probs = logits.softmax(1)
+    labels = torch.eye(logits.shape[1], dtype=probs.dtype, device=probs.device).unsqueeze(1)  # (K, 1, K)
+    others = probs * (1 - labels)
+    return others - labels * others.sum(2, keepdim=True)
+
+
+
+def ce_losses(logits: torch.Tensor) -> list[torch.Tensor]:
+    """The cross-entropy with each label k, as a loop computes it."""
+    return [F.cross_entropy(logits, torch.tensor([k], device=logits.device)) for k in range(logits.shape[1])]
+
+
+
+def as_reference(model: nn.Module, norms: torch.Tensor, p: int, chosen: int) -> dict[str, float]:
+    """One row of ``reference_norms`` as {layer: value, "total": value, "class": chosen}."""
+    total = norms.pow(2).sum().sqrt() if p == 2 else norms.sum()
+    return {**dict(zip(tracked_parameters(model), norms.tolist())), "total": total.item(), "class": chosen}
+
+
+
+class Detector:
+    """One gradient detector (see the module's docstring); subclasses fill in the rows, the reduction and the
+    batch-of-one definition."""
+    name: str
+    paper: str
+    formula: str
+    script = "track_gradient.py"
+    method = "norm"          # the file's "method": "norm", or "original" for the confounding label
+    rows: str                # detectors with the same key back-propagate the same rows
+    norm: int = 2
+    sign: int = -1           # +1: a larger gradient means in-distribution
+    headline = "total"       # the row a comparison reports: "total" or "last" (see headline_row)
+    last_layer_only = False  # ``--layers last``: only the last Linear layer is tracked (``last_layer_scores``)
+    separate_pass = False    # computes its own values (``scores``) instead of the engine's weight-gradient norms
+    fits_on_training = False  # True: the rows are fit on the ID training images' file (NAC-UE, utils.coverage)
+
+    def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def feature_gradients(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """dL/dfeatures (R, B, 1), broadcast over the head's inputs, of rows whose loss also depends on the pooled
+        features directly (GAIA's Σ of the features); None: the losses depend on the logits alone."""
+        return None
+
+    def requests(self, last_layer: str) -> tuple[tuple[int, frozenset[str] | None], ...]:
+        """The norms ``reduce`` needs of this detector's rows: (p, layers or ALL_LAYERS) each."""
+        return ((self.norm, ALL_LAYERS),)
+
+    def activations(self, model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The activation gradients ``reduce`` needs after the norms: (rule kind, module outputs) each."""
+        return ()
+
+    def reduce(self, norms: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
+        """Per-row norms (R, B) of each request, then each activation request's per-channel values (R, B, C) by
+        target, in order → one value per layer and sample."""
+        raise NotImplementedError
+
+    def reference(self, model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+        """The definition, for one image (3, H, W) and a model in eval mode: every tracked layer's value,
+        ``total``, any extra rows, and ``class`` (the kept label, -1 if none)."""
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        """Settings that change the values (saved in the file; a file with other options is re-tracked)."""
+        return {"layers": "last"} if self.last_layer_only else {}
+
+    @property
+    def folder(self) -> str:
+        """Its folder under ``gradients/<in-dataset>/<model>/``: its name, ``<name>-last`` for ``--layers last``
+        (so that last-layer files and full ones never replace each other)."""
+        return f"{self.name}-last" if self.last_layer_only else self.name
+
+    @property
+    def has_weight_gradients(self) -> bool:
+        """Whether its values are norms of weight gradients, which ``--layers last`` can restrict to the last layer
+        (not ODIN's input perturbation, nor GAIA's and NAC-UE's activation gradients)."""
+        return not self.separate_pass and bool(self.requests(""))
+
+    def on_last_layer(self) -> "Detector":
+        """This detector tracking only the last Linear layer (``--layers last``)."""
+        if not self.has_weight_gradients:
+            raise ValueError(f"{self.name} has no per-layer weight gradients; --layers last does not apply to it")
+        last = copy.copy(self)
+        last.last_layer_only = True
+        return last
+
+    def scores(self, model: nn.Module, x: torch.Tensor, tf32: bool = False) -> tuple[torch.Tensor, Scores]:
+        """For a ``separate_pass`` detector: the logits (B, K) and its values on images ``x``."""
+        raise NotImplementedError
+
+    def headline_row(self, layers: Sequence[str]) -> str:
+        return layers[-1] if self.headline == "last" else self.headline
