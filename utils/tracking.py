@@ -25,7 +25,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from models import ARCHS
 from utils import cli
 from utils.checkpoints import load_model
-from utils.data import IN_DATASETS, OOD_DATASETS, check_dataset_name, dataset_available, get_dataset
+from utils.data import (
+    IN_DATASETS,
+    OOD_DATASETS,
+    OOD_GROUPS,
+    check_dataset_name,
+    dataset_available,
+    get_dataset,
+    ood_group,
+    ood_test_set,
+)
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
 from utils.energy import energy_score
 from utils.errors import UserError
@@ -51,10 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
     (``track_gradient_original.py`` is the confounding label)."""
     parser.add_argument("--name", required=True, help="the run name the model was trained under")
     parser.add_argument("--dataset", required=True,
-                        help=f"the data set to track: one of {', '.join(IN_DATASETS + OOD_DATASETS)}; 'all' for "
-                             f"every OOD set whose data is present; '{TRAIN_SPLIT}' for a seeded subset of "
-                             f"--limit (default {DEFAULT_TRAIN_SAMPLES:,}) images of the in-distribution training "
-                             "split, without augmentation (what the combined detector is fit on)")
+                        help=f"the data set to track: one of {', '.join(IN_DATASETS + OOD_DATASETS)}, a near-OOD "
+                             "set (heldout for a digits split, the other CIFAR for CIFAR); 'near', 'far' or 'all' "
+                             "for every near-, far- or any OOD set whose data is present; "
+                             f"'{TRAIN_SPLIT}' for a seeded subset of --limit (default {DEFAULT_TRAIN_SAMPLES:,}) "
+                             "images of the in-distribution training split, without augmentation (what the "
+                             "combined detector and the feature baselines are fit on)")
     if with_score:
         parser.add_argument("--score", choices=(*TRACK_GRADIENT_SCORES, "all"), default="min",
                             help="the detector: min/max/pred keep the smallest, largest or predicted label's of "
@@ -251,15 +262,20 @@ def main(args: argparse.Namespace) -> None:
     model, meta = load_model(args.in_dataset, args.name, args.epoch, device, args.checkpoint_root, args.model_arch)
     _warn_on_a_loss_mismatch(meta.get("loss"), detectors[0].script)
     model_info = {key: meta[key] for key in (*MODEL_KEYS, CHECKPOINT_HASH_KEY)}
-    if args.dataset == "all":
-        names = [name for name in OOD_DATASETS if dataset_available(name, args.data_root)]
-        missing = [name for name in OOD_DATASETS if name not in names]
+    if args.dataset in OOD_GROUPS:
+        group = ood_group(args.dataset, args.in_dataset)
+        names = [name for name in group if dataset_available(name, args.data_root)]
+        missing = [name for name in group if name not in names]
         if missing:
-            print(f"--dataset=all: no data under {args.data_root} for {', '.join(missing)}; skipping them")
+            print(f"--dataset={args.dataset}: no data under {args.data_root} for {', '.join(missing)}; skipping them")
+        if not group:
+            raise UserError(f"{args.in_dataset} has no {args.dataset}-OOD set (a digits split such as digits-012345 "
+                            "has heldout, CIFAR-10 and CIFAR-100 each other).")
     else:
         names = [args.dataset if args.dataset == TRAIN_SPLIT else check_dataset_name(args.dataset)]
     datasets = {name: training_subset(args.in_dataset, args.data_root, args.limit) if name == TRAIN_SPLIT
-                else get_dataset(name, args.data_root) for name in [args.in_dataset, *names]}
+                else get_dataset(name, args.data_root) if name == args.in_dataset
+                else ood_test_set(name, args.in_dataset, args.data_root) for name in [args.in_dataset, *names]}
     for name, dataset in datasets.items():
         track_and_save(model, model_info, name, dataset, detectors, args, device, workers,
                        only_if_stale=name == args.in_dataset)
