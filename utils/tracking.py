@@ -38,6 +38,7 @@ from utils.data import (
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
 from utils.energy import energy_score
 from utils.errors import UserError
+from utils.feature_baselines import PENULTIMATE
 from utils.gradients import (
     CHECKPOINT_HASH_KEY,
     MODEL_KEYS,
@@ -133,7 +134,8 @@ class Part:
 def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: str, detectors: list[Detector],
           part: Part, device: torch.device, workers: int) -> dict[str, dict]:
     """The gradients record of samples [part.start, part.stop) of ``dataset`` for each detector, by name
-    (the format of ``utils.gradients``)."""
+    (the format of ``utils.gradients``), with the penultimate features (the last Linear layer's input in the
+    same forward pass) in each."""
     loader = DataLoader(Subset(dataset, range(part.start, part.stop)), batch_size=part.images_per_batch,
                         num_workers=workers, pin_memory=device.type == "cuda")
     columns: dict[str, list[np.ndarray]] = {}
@@ -143,8 +145,13 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
 
     bar = progress(total=part.stop - part.start, unit="img", dynamic_ncols=True,
                    desc=f"{dataset_name} ({', '.join(d.name for d in detectors)})")
+    penultimate: list[torch.Tensor] = []  # the last Linear layer's inputs, one batch's forward passes
+    last_linear = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
+    hook = last_linear.register_forward_hook(lambda module, args, output: penultimate.append(args[0].detach()))
     for images, labels in loader:
+        penultimate.clear()
         logits, scores = gradient_scores(model, images.to(device, non_blocking=True), detectors)
+        add(f"features/{PENULTIMATE}", penultimate[0].flatten(1).float())  # the first: the images as they are
         for name, out in scores.items():
             for layer, values in out.layers.items():
                 add(f"{name}/layers/{layer}", values.float())
@@ -158,13 +165,15 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
         add("energy", energy_score(logits).float())
         bar.update(len(images))
     bar.close()
+    hook.remove()
     arrays = {key: np.concatenate(chunks) for key, chunks in columns.items()}
 
     def group(prefix: str) -> dict[str, np.ndarray]:
         return {key.removeprefix(prefix): value for key, value in arrays.items() if key.startswith(prefix)}
 
     return {d.name: new_record(model_info, d, dataset_name, group(f"{d.name}/layers/"), group(f"{d.name}/extra/"),
-                               total=arrays[f"{d.name}/total"], **{"class": arrays[f"{d.name}/class"]},
+                               group("features/"), total=arrays[f"{d.name}/total"],
+                               **{"class": arrays[f"{d.name}/class"]},
                                **{key: arrays[key] for key in ("pred", "label", "msp", "energy")})
             for d in detectors}
 
