@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the digits open-set splits; run k uses split k mod their number")
     parser.add_argument("--seeds", type=int, default=3, help="training runs (seeds 1..N)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 1 epoch each, 40 samples a set")
+    parser.add_argument("--aux-dataset", help="the energy fine-tuning's auxiliary outliers (default: sample_photos "
+                                              "on digits, tinyimages on CIFAR; random300k is OE's replacement)")
     parser.add_argument("--gpu", default="-1", help="CUDA device; -1 (default) for the CPU")
     parser.add_argument("--data-root", default="datasets", help="where the data files are")
     parser.add_argument("--out", default="bench_output", help="folder for the runs and the report")
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     family = "digits" if args.in_dataset == "digits" or is_digits_split(args.in_dataset) else "CIFAR"
     plan = PLANS["quick" if args.quick else family]
+    if args.aux_dataset:
+        plan = replace(plan, aux_dataset=args.aux_dataset)
     gpu = args.gpu if get_device(args.gpu).type == "cuda" else "-1"
     out = Path(args.out).resolve()
     command = "python bench/benchmark.py" + (f" {' '.join(argv)}" if argv else " ".join(["", *sys.argv[1:]]))
