@@ -5,10 +5,11 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+import models
 import track_gradient
 import train_original
 from tests.test_data import write_cifar
-from utils.checkpoints import load_model
+from utils.checkpoints import load_model, save_checkpoint
 from utils.data import (
     NORMALIZATION,
     NUM_CLASSES,
@@ -100,3 +101,22 @@ def test_scripts_train_and_track_a_split(tmp_path):
     test = load_gradients(gradient_path("digits-012", "m", "pred", "digits-012", tmp_path / "g"))
     assert (held["label"] == -1).all() and held["num_samples"] == 9
     assert set(test["label"]) <= {0, 1, 2} and test["num_samples"] == 9
+
+
+def test_tracking_a_cifar10_model_on_near_reads_cifar100_as_ood(tmp_path, monkeypatch):
+    """--dataset near for a CIFAR-10 model: CIFAR-100's test images (files in torchvision's format), label -1."""
+    written = {name: write_cifar(tmp_path / "data", name, monkeypatch, np.random.default_rng(k))
+               for k, name in enumerate(("CIFAR-10", "CIFAR-100"))}
+    mean, std = NORMALIZATION["CIFAR-10"]
+    model = models.get_model("resnet20", 10, mean, std)
+    save_checkpoint(tmp_path / "c" / "CIFAR-10" / "net", model,
+                    {"name": "net", "arch": "resnet20", "in_dataset": "CIFAR-10", "num_classes": 10, "mean": mean,
+                     "std": std, "arch_kwargs": {}, "loss": "energy", "epoch": 1, "args": {}})
+    roots = [f"--data-root={tmp_path / 'data'}", f"--checkpoint-root={tmp_path / 'c'}",
+             f"--gradient-root={tmp_path / 'g'}"]
+    run_script(lambda: track_gradient.main(["--name=net", "--in-dataset=CIFAR-10", "--dataset=near", "--score=pred",
+                                            "--gpu=-1", *roots]))
+    near = load_gradients(gradient_path("CIFAR-10", "net", "pred", "CIFAR-100", tmp_path / "g"))
+    test = load_gradients(gradient_path("CIFAR-10", "net", "pred", "CIFAR-10", tmp_path / "g"))
+    assert near["num_samples"] == len(written["CIFAR-100"]["test"][1]) and (near["label"] == -1).all()
+    np.testing.assert_array_equal(test["label"], written["CIFAR-10"]["test"][1])
