@@ -8,7 +8,8 @@
 
 reads ``<gradient root>/<in-dataset>/<name>/<score or "original">/<in-dataset>.pkl`` (the ID test set) and
 the OOD set's file beside it (``--dataset all``: every other ``*.pkl`` there), prints one table per OOD set
-(and their average) — every tracked layer, ``total``, and the MSP / Energy baselines of the same samples —
+(and their average) — every tracked layer, ``total``, and the MSP / Energy baselines of the same samples (and,
+fit on the ``train`` file, the ``combined`` row and the Mahalanobis / KNN baselines) —
 and writes it to ``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip][-energy_ood]/<dataset>.json|csv``.
 
 ``--layers last`` reads the files of ``track_gradient.py --layers=last`` (``<score>-last/``) instead.
@@ -36,6 +37,7 @@ from utils.compare import comparison_table, format_comparison, saved_form_of, tr
 from utils.data import check_dataset_name
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector
 from utils.errors import UserError
+from utils.feature_baselines import FeatureFit, feature_distances, fit_features
 from utils.gradients import GRADIENT_ROOT, GradientFileError, gradient_path, load_gradients, ood_dataset_names
 from utils.metrics import PROTOCOLS, Protocol
 from utils.plots import plot_detection, plot_layer_auroc
@@ -75,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the 'combined' row: a Gaussian on the log per-layer norms of the in-distribution "
                              "training images (track with --dataset train), covariance shrunk by this estimator; "
                              "skipped with a note when that file is missing")
+    parser.add_argument("--knn-k", type=int, metavar="K",
+                        help="the KNN baseline's k (default: 50 per 50,000 training images, at least 1, as Sun et al. "
+                             "scale it with the share of the training set)")
     parser.add_argument("--plot", action="store_true",
                         help="save each tracked layer's AUROC against its depth (with --compare: per detector) and, "
                              "without --compare, ID-vs-OOD histograms and ROC curves of total and the best and "
@@ -192,21 +197,43 @@ def plot_table(table: dict, id_record: dict, ood_record: dict, sign: int, folder
         for row, role in roles.items()]
 
 
-def combined_fit(args: argparse.Namespace, id_record: dict, id_path: Path) -> GaussianFit | None:
-    """The Gaussian of the ``combined`` row, fit on the training split's file alone (``utils.combine``), or
-    None, with a note, when ``--combine none`` or that file is missing."""
-    if args.combine == "none" or len(id_record["layers"]) < 2:  # one row (ODIN, --layers last): nothing to combine
-        return None
+def training_record(args: argparse.Namespace, id_record: dict, id_path: Path) -> dict | None:
+    """The training split's file (what the ``combined`` row and the feature baselines are fit on), checked to
+    come from the model of ``id_record``; None, with a note, when it is missing."""
     path = gradient_path(args.in_dataset, args.name, args.score, TRAIN_SPLIT, args.gradient_root, last_layer(args))
     if not path.is_file():
-        print(f"No 'combined' row: {path} (the in-distribution training images it is fit on) is missing; "
-              f"make it with `{track_command(args, TRAIN_SPLIT)}`.\n")
+        rows = "Mahalanobis and KNN rows" if args.combine == "none" else "'combined' row (nor Mahalanobis and KNN)"
+        print(f"No {rows}: {path} (the in-distribution training images they are fit on) is missing; make it with "
+              f"`{track_command(args, TRAIN_SPLIT)}`.\n")
         return None
     train_record = load_record(path, args, TRAIN_SPLIT)
     check_same_model(id_record, id_path, train_record, path)
+    return train_record
+
+
+def combined_fit(args: argparse.Namespace, train_record: dict | None) -> GaussianFit | None:
+    """The Gaussian of the ``combined`` row, fit on the training split's file alone (``utils.combine``), or
+    None when ``--combine none`` or that file is missing."""
+    if args.combine == "none" or train_record is None or len(train_record["layers"]) < 2:
+        return None  # one row (ODIN, --layers last): nothing to combine
     fit = fit_gaussian(train_record, args.combine)
     print(f"'combined': a Gaussian ({args.combine} shrinkage {fit.shrinkage:.3f}) on the log per-layer norms of "
-          f"{fit.num_samples} in-distribution training images ({path}).\n")
+          f"{fit.num_samples} in-distribution training images.\n")
+    return fit
+
+
+def feature_fit(args: argparse.Namespace, train_record: dict | None) -> FeatureFit | None:
+    """Mahalanobis and KNN fit on the training split's penultimate features (``utils.feature_baselines``), or
+    None, with a note, when that file is missing or holds no features."""
+    if train_record is None:
+        return None
+    fit = fit_features(train_record, args.knn_k)
+    if fit is None:
+        print(f"No Mahalanobis and KNN rows: the training file holds no penultimate features (tracked before they "
+              f"were stored); track it again with `{track_command(args, TRAIN_SPLIT)}`.\n")
+    else:
+        print(f"Mahalanobis and KNN (k = {fit.k}): fit on the penultimate features of {fit.num_samples} "
+              "in-distribution training images.\n")
     return fit
 
 
@@ -222,6 +249,17 @@ def distances(fit: GaussianFit | None, id_record: dict, ood_records: dict[str, d
 
 def last_layer(args: argparse.Namespace) -> bool:
     return args.layers == "last"
+
+
+def baseline_distances(fit: FeatureFit | None, id_record: dict, ood_records: dict[str, dict]
+                       ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]] | None]:
+    """Each feature baseline's ID and OOD distances for each OOD set (the ID ones computed once); None for every
+    set without a fit."""
+    if fit is None:
+        return dict.fromkeys(ood_records)
+    id_values = feature_distances(fit, id_record)
+    return {dataset: {name: (id_values[name], values) for name, values in feature_distances(fit, record).items()}
+            for dataset, record in ood_records.items()}
 
 
 def results_folder(args: argparse.Namespace) -> Path:
@@ -261,16 +299,19 @@ def per_layer_tables(args: argparse.Namespace) -> None:
                               last_layer(args)).parent
     id_path, id_record, ood_records = load_records(args, ood_datasets(args, id_folder))
 
-    fit = combined_fit(args, id_record, id_path)
+    train_record = training_record(args, id_record, id_path)
+    fit, baselines = combined_fit(args, train_record), feature_fit(args, train_record)
     sign = score_sign(args.saved_form, args.score, args.flip)
     folder = results_folder(args)
-    combined = distances(fit, id_record, ood_records)
+    combined, features = distances(fit, id_record, ood_records), baseline_distances(baselines, id_record, ood_records)
     tables = []
     for dataset, ood_record in ood_records.items():
         table = detection_table(id_record, ood_record, args.saved_form, args.score, args.flip,
-                                combined=combined[dataset], protocol=protocol_of(args))
+                                combined=combined[dataset], protocol=protocol_of(args), features=features[dataset])
         if fit:
             table["combined"] = fit.describe()  # what it was fit on: the same for every OOD set
+        if baselines:
+            table["feature_baselines"] = baselines.describe()
         written = write_table(table, folder / dataset)
         if args.plot:
             written += plot_table(table, id_record, ood_record, sign, folder)
@@ -334,11 +375,15 @@ def compare(args: argparse.Namespace) -> None:
     for detector in detectors:
         id_path, id_record, ood_records = loaded[detector.name]
         saved_form, score = saved_form_of(detector)
-        fit = combined_fit(detector_args(args, detector), id_record, id_path)
+        train_record = training_record(detector_args(args, detector), id_record, id_path)
+        fit = combined_fit(args, train_record)
+        baselines = feature_fit(args, train_record) if detector is detectors[0] else None  # shown once, as MSP's
         only = None if args.plot else [detector.headline_row(list(id_record["layers"]))]
         combined = distances(fit, id_record, ood_records)
+        features = baseline_distances(baselines, id_record, ood_records)
         tables[detector.name] = [detection_table(id_record, ood_record, saved_form, score, args.flip,
-                                                 combined=combined[dataset], protocol=protocol, only=only)
+                                                 combined=combined[dataset], protocol=protocol, only=only,
+                                                 features=features[dataset])
                                  for dataset, ood_record in ood_records.items()]
         if args.plot:
             written.append(plot_layers(tables[detector.name], folder / f"{detector.name}_layers.png"))

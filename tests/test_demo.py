@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from demo import IN_DATASET
+from utils.data import get_dataset, ood_test_set
 from utils.detectors import TRACK_GRADIENT_SCORES, get_detector
 from utils.gradients import gradient_path, load_gradients
 
 pytestmark = pytest.mark.slow  # minutes on two CPU cores: `pytest -m "not slow"` skips it
 
 ROOT = Path(__file__).resolve().parents[1]
-OOD_SETS = ("blobs", "gaussian", "rademacher")
+OOD_SETS = ("blobs", "gaussian", "heldout", "rademacher")
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +33,18 @@ def demo(tmp_path_factory) -> Path:
 
 
 def last_epoch(demo: Path, name: str) -> dict:
-    with open(demo / "checkpoints" / "digits" / name / "log.csv") as f:
+    with open(demo / "checkpoints" / IN_DATASET / name / "log.csv") as f:
         return {k: float(v) for k, v in list(csv.DictReader(f))[-1].items()}
 
 
 def table(demo: Path, name: str, form: str, dataset: str) -> dict:
-    rows = json.loads((demo / "results" / "digits" / name / form / f"{dataset}.json").read_text())["rows"]
+    rows = json.loads((demo / "results" / IN_DATASET / name / form / f"{dataset}.json").read_text())["rows"]
     return {row["row"]: row for row in rows}
 
 
 def test_classifiers_beat_chance_on_digits(demo):
     for name in ("ce", "energy", "bce"):
-        assert last_epoch(demo, name)["test_acc"] > 40, name  # chance: 10 %
+        assert last_epoch(demo, name)["test_acc"] > 40, name  # chance: 1/6
 
 
 def test_energy_training_separates_inlier_and_outlier_energies(demo):
@@ -54,13 +56,15 @@ def test_energy_training_separates_inlier_and_outlier_energies(demo):
 def test_gradient_files_cover_every_set_with_the_limit(demo):
     for score in (*TRACK_GRADIENT_SCORES, None):
         name = "energy" if score else "bce"
-        for dataset in ("digits", *OOD_SETS):
-            record = load_gradients(gradient_path("digits", name, score, dataset, demo / "gradients"))
-            assert record["num_samples"] == 200
+        for dataset in (IN_DATASET, *OOD_SETS):
+            record = load_gradients(gradient_path(IN_DATASET, name, score, dataset, demo / "gradients"))
+            size = len(get_dataset(dataset) if dataset == IN_DATASET else ood_test_set(dataset, IN_DATASET))
+            assert record["num_samples"] == min(200, size)
             if score == "odin":  # one row: the perturbed max softmax
                 assert len(record["layers"]) == 1
-            elif get_detector(score).requests("fc.weight"):  # weight-gradient detectors: ResNet-20's 20 weights
+            elif get_detector(score).has_weight_gradients:  # ResNet-20's 20 tracked weights
                 assert len(record["layers"]) == 20
+            assert record["features"]["penultimate"].shape == (record["num_samples"], 64)
 
 
 def test_gradient_norms_tell_in_from_out_distribution(demo):
@@ -72,12 +76,19 @@ def test_gradient_norms_tell_in_from_out_distribution(demo):
 def test_comparison_has_every_tracked_detector_and_the_baselines(demo):
     for name, detectors in (("energy", {"min", "max", "pred", "gradnorm", "exgrad", "odin", "gaia_a", "gaia_z",
                                         "nac_ue"}), ("bce", {"original"})):
-        compared = json.loads((demo / "results" / "digits" / name / "compare" / "comparison.json").read_text())
-        assert {row["name"] for row in compared["rows"]} == detectors | {"MSP", "Energy"}
+        compared = json.loads((demo / "results" / IN_DATASET / name / "compare" / "comparison.json").read_text())
+        assert {row["name"] for row in compared["rows"]} == detectors | {"MSP", "Energy", "Mahalanobis", "KNN"}
         assert compared["datasets"] == [*OOD_SETS, "average"]
 
 
 def test_tables_are_printed(demo):
     stdout = (demo / "stdout.txt").read_text()
-    assert stdout.count("vs the average over 3 OOD sets") == 2
-    assert "demo finished" in stdout
+    assert stdout.count("vs the average over 4 OOD sets") == 2
+    assert "demo finished" in stdout and "threads" in stdout.splitlines()[0]
+
+
+def test_near_ood_separates_the_detectors(demo):
+    """heldout (the unknown digits) is harder than the synthetic sets: no longer every row at 100 %."""
+    compared = json.loads((demo / "results" / IN_DATASET / "energy" / "compare" / "comparison.json").read_text())
+    aurocs = [row["results"]["heldout"]["AUROC"] for row in compared["rows"]]
+    assert max(aurocs) > 60 and sum(auroc >= 99.9 for auroc in aurocs) < len(aurocs) / 2

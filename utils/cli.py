@@ -2,7 +2,7 @@
 import argparse
 
 from utils.checkpoints import CHECKPOINT_ROOT
-from utils.data import IN_DATASETS
+from utils.data import check_in_dataset
 from utils.gradients import GRADIENT_ROOT
 from utils.runtime import default_workers
 
@@ -25,8 +25,9 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_in_dataset(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--in-dataset", default=DEFAULT_IN_DATASET, choices=IN_DATASETS,
-                        help="the in-distribution data set the model is trained on")
+    parser.add_argument("--in-dataset", default=DEFAULT_IN_DATASET, type=check_in_dataset,
+                        help="the in-distribution data set the model is trained on: CIFAR-10, CIFAR-100, digits, "
+                             "or a digits open-set split, digits- and its known classes (e.g. digits-012345)")
 
 
 def add_roots(parser: argparse.ArgumentParser, *names: str) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from utils.detectors import nac_hyper
+from utils.feature_baselines import PENULTIMATE
 
 
 def thresholds(bins: int) -> np.ndarray:
@@ -74,10 +75,15 @@ def coverage_scores(fit: CoverageFit, states: dict[str, np.ndarray]) -> tuple[di
     return layers, np.mean(list(layers.values()), axis=0)
 
 
+def nac_states(record: dict) -> dict[str, np.ndarray]:
+    """The neuron states of a NAC-UE file: its ``features`` but the penultimate features every file carries."""
+    return {name: states for name, states in record["features"].items() if name != PENULTIMATE}
+
+
 def fit_record(train_record: dict) -> CoverageFit:
     """The coverage fit on a training split's NAC-UE file (its ``features``), with the official (M, O) of each
     layer (``utils.detectors.nac_hyper``)."""
-    states = train_record["features"]
+    states = nac_states(train_record)
     hyper = nac_hyper(train_record["model"]["num_classes"], len(states))
     return fit_coverage(states, {name: (bins, full) for name, (_, bins, full) in zip(states, hyper)})
 
@@ -85,6 +91,6 @@ def fit_record(train_record: dict) -> CoverageFit:
 def score_record(record: dict, fit: CoverageFit) -> dict:
     """``record`` with its rows replaced by the coverage scores of its states under ``fit``: ``layers`` each
     layer's score, ``total`` the official NAC-UE score, and ``fit`` what it was fit on."""
-    layers, total = coverage_scores(fit, record["features"])
+    layers, total = coverage_scores(fit, nac_states(record))
     return {**record, "layers": {name: v.astype(np.float32) for name, v in layers.items()},
             "total": total.astype(np.float32), "fit": fit.describe()}

@@ -19,6 +19,7 @@ import numpy as np
 
 from utils.combine import COMBINED_ROW
 from utils.detectors import CONFOUNDING, TRACK_GRADIENT_SCORES, Detector, get_detector
+from utils.feature_baselines import FEATURE_BASELINES
 from utils.io import atomic_write
 from utils.metrics import FULL, OOD_POSITIVE_FPR, Protocol
 
@@ -36,6 +37,8 @@ CONVENTIONS = ("ID is the positive class; a higher score means more in-distribut
                "combined: -Mahalanobis distance of the log per-layer norms from a Gaussian fit on ID training "
                "images only (--dataset train).",
                "Baselines: score = MSP and -E(x) = logsumexp f(x); --flip applies to neither them nor combined.")
+FEATURE_CONVENTION = ("Mahalanobis (tied covariance, class means) and KNN (k-th nearest normalised feature) on the "
+                      "penultimate features, fit on ID training images only (--dataset train).")
 
 
 
@@ -113,7 +116,8 @@ def _row(name: str, kind: str, score: str, id_values, ood_values, sign: int, pro
 
 def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: str | None,
                     flip: bool = False, combined: tuple[np.ndarray, np.ndarray] | None = None,
-                    protocol: Protocol = FULL, only: Sequence[str] | None = None) -> dict:
+                    protocol: Protocol = FULL, only: Sequence[str] | None = None,
+                    features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
     """Metrics (in %) of every layer, ``total``, the detector's extra rows, the ``combined`` row (when
     ``combined`` gives the ID and OOD Mahalanobis distances of ``utils.combine``) and the MSP / Energy
     baselines for one ID–OOD pair.
@@ -121,7 +125,8 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
     Each row also holds the mean and (population) standard deviation of the raw values: gradient norms,
     distances, MSP, and the stored energy E(x). ``flip`` applies to the gradient rows only. ``protocol`` says
     which OOD samples count (every row of the table uses the same draws); ``only`` limits the gradient rows to
-    those named.
+    those named. ``features`` gives each feature baseline's ID and OOD distances (``utils.feature_baselines``),
+    rows beside MSP and Energy.
     """
     sign = score_sign(saved_form, score, flip)
     value = "norm" if id_record.get("norm", "L2") != "none" else "value"  # ODIN's values are not norms
@@ -137,12 +142,15 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
     rows += [_row(name, "baseline", ("-" if b_sign < 0 else "") + key, id_record[key], ood_record[key], b_sign,
                   protocol, subsets)
              for name, (key, b_sign) in BASELINES.items()]
+    rows += [_row(name, "baseline", FEATURE_BASELINES[name], *values, -1, protocol, subsets)
+             for name, values in (features or {}).items()]
     headline = detector_of(saved_form, score).headline_row(list(id_record["layers"]))
     return {"in_dataset": id_record["dataset"], "ood_dataset": ood_record["dataset"], "model": id_record["model"],
             "saved_form": saved_form, "score": score, "flip": flip, "gradient_score": gradient_label,
             "norm": id_record.get("norm", "L2"), "headline": headline, "num_id": num_id, "num_ood": num_ood,
             "protocol": protocol.describe(num_id, num_ood), "metrics_in": "percent",
-            "conventions": CONVENTIONS + protocol.conventions(), "rows": rows}
+            "conventions": CONVENTIONS + (FEATURE_CONVENTION,) * bool(features) + protocol.conventions(),
+            "rows": rows}
 
 
 

@@ -26,10 +26,20 @@ from models import ARCHS
 from utils import cli
 from utils.checkpoints import load_model
 from utils.coverage import fit_record, score_record
-from utils.data import IN_DATASETS, OOD_DATASETS, check_dataset_name, dataset_available, get_dataset
+from utils.data import (
+    IN_DATASETS,
+    OOD_DATASETS,
+    OOD_GROUPS,
+    check_dataset_name,
+    dataset_available,
+    get_dataset,
+    ood_group,
+    ood_test_set,
+)
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
 from utils.energy import energy_score
 from utils.errors import UserError
+from utils.feature_baselines import PENULTIMATE
 from utils.gradients import (
     CHECKPOINT_HASH_KEY,
     MODEL_KEYS,
@@ -52,10 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
     (``track_gradient_original.py`` is the confounding label)."""
     parser.add_argument("--name", required=True, help="the run name the model was trained under")
     parser.add_argument("--dataset", required=True,
-                        help=f"the data set to track: one of {', '.join(IN_DATASETS + OOD_DATASETS)}; 'all' for "
-                             f"every OOD set whose data is present; '{TRAIN_SPLIT}' for a seeded subset of "
-                             f"--limit (default {DEFAULT_TRAIN_SAMPLES:,}) images of the in-distribution training "
-                             "split, without augmentation (what the combined detector is fit on)")
+                        help=f"the data set to track: one of {', '.join(IN_DATASETS + OOD_DATASETS)}, a near-OOD "
+                             "set (heldout for a digits split, the other CIFAR for CIFAR); 'near', 'far' or 'all' "
+                             "for every near-, far- or any OOD set whose data is present; "
+                             f"'{TRAIN_SPLIT}' for a seeded subset of --limit (default {DEFAULT_TRAIN_SAMPLES:,}) "
+                             "images of the in-distribution training split, without augmentation (what the "
+                             "combined detector and the feature baselines are fit on)")
     if with_score:
         parser.add_argument("--score", choices=(*TRACK_GRADIENT_SCORES, "all"), default="min",
                             help="the detector: min/max/pred keep the smallest, largest or predicted label's of "
@@ -135,7 +147,8 @@ class Part:
 def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: str, detectors: list[Detector],
           part: Part, device: torch.device, workers: int) -> dict[str, dict]:
     """The gradients record of samples [part.start, part.stop) of ``dataset`` for each detector, by name
-    (the format of ``utils.gradients``)."""
+    (the format of ``utils.gradients``), with the penultimate features (the last Linear layer's input in the
+    same forward pass) in each."""
     loader = DataLoader(Subset(dataset, range(part.start, part.stop)), batch_size=part.images_per_batch,
                         num_workers=workers, pin_memory=device.type == "cuda")
     columns: dict[str, list[np.ndarray]] = {}
@@ -145,8 +158,13 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
 
     bar = progress(total=part.stop - part.start, unit="img", dynamic_ncols=True,
                    desc=f"{dataset_name} ({', '.join(d.name for d in detectors)})")
+    penultimate: list[torch.Tensor] = []  # the last Linear layer's inputs, one batch's forward passes
+    last_linear = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
+    hook = last_linear.register_forward_hook(lambda module, args, output: penultimate.append(args[0].detach()))
     for images, labels in loader:
+        penultimate.clear()
         logits, scores = gradient_scores(model, images.to(device, non_blocking=True), detectors)
+        add(f"features/{PENULTIMATE}", penultimate[0].flatten(1).float())  # the first: the images as they are
         for name, out in scores.items():
             for layer, values in out.layers.items():
                 add(f"{name}/layers/{layer}", values.float())
@@ -162,13 +180,14 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
         add("energy", energy_score(logits).float())
         bar.update(len(images))
     bar.close()
+    hook.remove()
     arrays = {key: np.concatenate(chunks) for key, chunks in columns.items()}
 
     def group(prefix: str) -> dict[str, np.ndarray]:
         return {key.removeprefix(prefix): value for key, value in arrays.items() if key.startswith(prefix)}
 
     return {d.name: new_record(model_info, d, dataset_name, group(f"{d.name}/layers/"), group(f"{d.name}/extra/"),
-                               group(f"{d.name}/features/"), total=arrays[f"{d.name}/total"],
+                               {**group("features/"), **group(f"{d.name}/features/")}, total=arrays[f"{d.name}/total"],
                                **{"class": arrays[f"{d.name}/class"]},
                                **{key: arrays[key] for key in ("pred", "label", "msp", "energy")})
             for d in detectors}
@@ -306,15 +325,20 @@ def main(args: argparse.Namespace) -> None:
     model, meta = load_model(args.in_dataset, args.name, args.epoch, device, args.checkpoint_root, args.model_arch)
     _warn_on_a_loss_mismatch(meta.get("loss"), detectors[0].script)
     model_info = {key: meta[key] for key in (*MODEL_KEYS, CHECKPOINT_HASH_KEY)}
-    if args.dataset == "all":
-        names = [name for name in OOD_DATASETS if dataset_available(name, args.data_root)]
-        missing = [name for name in OOD_DATASETS if name not in names]
+    if args.dataset in OOD_GROUPS:
+        group = ood_group(args.dataset, args.in_dataset)
+        names = [name for name in group if dataset_available(name, args.data_root)]
+        missing = [name for name in group if name not in names]
         if missing:
-            print(f"--dataset=all: no data under {args.data_root} for {', '.join(missing)}; skipping them")
+            print(f"--dataset={args.dataset}: no data under {args.data_root} for {', '.join(missing)}; skipping them")
+        if not group:
+            raise UserError(f"{args.in_dataset} has no {args.dataset}-OOD set (a digits split such as digits-012345 "
+                            "has heldout, CIFAR-10 and CIFAR-100 each other).")
     else:
         names = [args.dataset if args.dataset == TRAIN_SPLIT else check_dataset_name(args.dataset)]
     datasets = {name: training_subset(args.in_dataset, args.data_root, args.limit) if name == TRAIN_SPLIT
-                else get_dataset(name, args.data_root) for name in [args.in_dataset, *names]}
+                else get_dataset(name, args.data_root) if name == args.in_dataset
+                else ood_test_set(name, args.in_dataset, args.data_root) for name in [args.in_dataset, *names]}
     fitted = [d for d in detectors if d.fits_on_training and TRAIN_SPLIT not in names and not _is_current(
         gradient_path(args.in_dataset, args.name, d.name, TRAIN_SPLIT, args.gradient_root), model_info, None,
         d.options())]

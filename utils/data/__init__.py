@@ -3,6 +3,10 @@
 Items are ``(image, label)``: a float32 tensor of shape 3x32x32 in [0, 1] (models normalise inside
 themselves) and an int, -1 for every OOD and auxiliary set. ``train=False`` is deterministic. Paths are
 relative to the data root (default ``datasets``); ``datasets/README.md`` says what goes where.
+
+Besides the names below, every digits open-set split ``digits-<known classes>`` is an in-distribution set
+and ``heldout`` its near-OOD set; CIFAR-100 is near-OOD for CIFAR-10 and the reverse (``utils.data.splits``).
+``ood_test_set`` reads an OOD set for a given in-distribution, ``ood_group`` names the near, far or all.
 """
 import inspect
 from collections.abc import Callable
@@ -12,19 +16,37 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from utils.data import bundled, cifar, folders, svhn, synthetic, tinyimages
+from utils.data import bundled, cifar, folders, splits, svhn, synthetic, tinyimages
 from utils.errors import DataNotFoundError, UserError
 
 IN_DATASETS = ("CIFAR-10", "CIFAR-100", "digits")
 OOD_DATASETS = ("SVHN", "dtd", "places365", "LSUN", "LSUN_resize", "iSUN", "gaussian", "rademacher", "blobs")
 AUX_DATASETS = ("tinyimages", "random300k", "sample_photos")
 
-NUM_CLASSES = {"CIFAR-10": 10, "CIFAR-100": 100, "digits": 10}
-NORMALIZATION = {  # (mean, std) per channel of the training images
+OOD_GROUPS = ("near", "far", "all")
+
+
+class _WithSplits(dict):
+    """A mapping by in-distribution name that also answers for every digits split, through ``value(split)``."""
+
+    def __init__(self, items: dict, value: Callable[[str], object]):
+        super().__init__(items)
+        self.value = value
+
+    def __missing__(self, name: str):
+        if not splits.is_digits_split(name):
+            raise KeyError(name)
+        return self.value(name)
+
+
+NUM_CLASSES = _WithSplits({"CIFAR-10": 10, "CIFAR-100": 100, "digits": 10},
+                          lambda name: len(splits.known_classes(name)))
+# (mean, std) per channel of the training images; a digits split keeps those of the whole digits training split
+NORMALIZATION = _WithSplits({
     "CIFAR-10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "CIFAR-100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "digits": bundled.DIGITS_NORMALIZATION,
-}
+}, lambda name: bundled.DIGITS_NORMALIZATION)
 
 
 def _digits(data_root: Path, train: bool, *, augment: bool = True) -> Dataset:
@@ -80,18 +102,37 @@ assert len(_BY_FOLDED) == len(_SOURCES)
 
 def check_dataset_name(name: str) -> str:
     """``name`` spelt as this project spells it, for a command-line argument: case, ``-`` and ``_`` do not
-    matter (``Gaussian`` → ``gaussian``, ``cifar10`` → ``CIFAR-10``). Any other name is a ``UserError``
-    that lists the known ones."""
+    matter (``Gaussian`` → ``gaussian``, ``cifar10`` → ``CIFAR-10``), a digits split's classes are sorted
+    (``digits-210`` → ``digits-012``). Any other name is a ``UserError`` that lists the known ones."""
+    if splits.is_digits_split(name):
+        return splits.split_name(name)
+    if name.lower() == splits.HELDOUT:
+        return splits.HELDOUT
     if _folded(name) not in _BY_FOLDED:
-        raise UserError(f"unknown data set {name!r}. Known: in-distribution {', '.join(IN_DATASETS)}; "
-                        f"OOD {', '.join(OOD_DATASETS)}; auxiliary {', '.join(AUX_DATASETS)}.")
+        raise UserError(f"unknown data set {name!r}. Known: in-distribution {', '.join(IN_DATASETS)}; OOD "
+                        f"{', '.join(OOD_DATASETS)}; auxiliary {', '.join(AUX_DATASETS)}; a digits open-set split "
+                        f"such as digits-012345 (in-distribution) with its near-OOD set {splits.HELDOUT}; "
+                        "CIFAR-10 and CIFAR-100 are near-OOD sets of each other.")
     return _BY_FOLDED[_folded(name)]
+
+
+def check_in_dataset(name: str) -> str:
+    """``check_dataset_name`` for an in-distribution set (``IN_DATASETS`` or a digits split); a ``UserError``
+    for any other name."""
+    spelt = check_dataset_name(name)
+    if spelt not in IN_DATASETS and not splits.is_digits_split(spelt):
+        raise UserError(f"{name!r} is not an in-distribution data set: one of {', '.join(IN_DATASETS)} or a digits "
+                        "open-set split such as digits-012345.")
+    return spelt
 
 
 def _source(name: str) -> _Source:
     """The source of ``name``, spelt exactly: file names follow it, so ``get_dataset`` does not respell."""
     if name not in _SOURCES:
         spelt = check_dataset_name(name)  # raises for an unknown name
+        if spelt == splits.HELDOUT:
+            raise UserError(f"{splits.HELDOUT} is the near-OOD set of a digits split; read it with "
+                            "ood_test_set(name, in_dataset).")
         raise UserError(f"data set {name!r} is spelt {spelt!r}.")
     return _SOURCES[name]
 
@@ -105,12 +146,12 @@ def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = Fal
     in-distribution sets (their training split without augmentation, as gradient tracking reads it). A
     missing file raises ``DataNotFoundError`` (a ``UserError``) that says where the file belongs and where to get it.
     """
+    if splits.is_digits_split(name) and name == splits.split_name(name):
+        return splits.digits_split(name, train, **_checked(name, options, ("augment",)))
     source = _source(name)
     accepted = [parameter.name for parameter in inspect.signature(source.build).parameters.values()
                 if parameter.kind is parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise UserError(f"{name} has no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}.")
+    options = _checked(name, options, accepted)
     if name in OOD_DATASETS:
         if train:
             raise UserError(f"{name} is an OOD test set; it has no training split (train=True).")
@@ -118,9 +159,37 @@ def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = Fal
     return source.build(Path(data_root), train, **options)
 
 
+def _checked(name: str, options: dict, accepted: list[str] | tuple[str, ...]) -> dict:
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UserError(f"{name} has no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}.")
+    return options
+
+
+def ood_test_set(name: str, in_dataset: str, data_root: str | Path = "datasets") -> Dataset:
+    """OOD set ``name`` as tracked against ``in_dataset``: one of ``OOD_DATASETS``; ``heldout``, the unknown
+    classes' test images of a digits split; or the other CIFAR's test split for CIFAR (near-OOD). Every label
+    is -1. Another pairing is a ``UserError``."""
+    if name in OOD_DATASETS:
+        return get_dataset(name, data_root)
+    if name in splits.near_ood(in_dataset):
+        return splits.heldout(in_dataset) if name == splits.HELDOUT else splits.AsOOD(get_dataset(name, data_root))
+    raise UserError(f"{name} is not an OOD set of {in_dataset}: its near-OOD sets are "
+                    f"{', '.join(splits.near_ood(in_dataset)) or 'none'}, its far-OOD sets {', '.join(OOD_DATASETS)}.")
+
+
+def ood_group(group: str, in_dataset: str) -> tuple[str, ...]:
+    """The OOD sets of ``group`` for ``in_dataset``: ``near`` (semantic shift: ``splits.near_ood``), ``far`` (the
+    other sets, ``OOD_DATASETS``) or ``all`` (both), whether or not their data is present."""
+    near, far = splits.near_ood(in_dataset), OOD_DATASETS
+    return {"near": near, "far": far, "all": near + far}[group]
+
+
 def dataset_available(name: str, data_root: str | Path = "datasets") -> bool:
     """Whether the files of ``name`` are present (always true for generated and bundled sets). Checks that
     the files exist, not their contents."""
+    if name == splits.HELDOUT or splits.is_digits_split(name):
+        return True
     locate = _source(name).locate
     if locate is None:
         return True

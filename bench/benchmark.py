@@ -1,0 +1,268 @@
+"""The benchmark: every detector and baseline on near- and far-OOD sets, mean ± std over training seeds.
+
+For each run (a training seed and, on digits, an open-set split of its own), it drives the real scripts:
+
+1. trains the models the detectors need — ``ce``: cross-entropy (``train_energy.py --lamb=0``); ``energy``:
+   ``ce`` fine-tuned with the energy loss (the energy paper's recipe); ``bce``: one sigmoid per class
+   (``train_original.py``);
+2. tracks, on the in-distribution training subset (``--dataset train``: what the combined row, Mahalanobis
+   and KNN are fit on), the ID test set and every near- and far-OOD set present, every detector of
+   ``track_gradient.py --score all`` on ``ce`` and on ``energy`` and the confounding label on ``bce``;
+3. compares them (``compute_gradient_metrics.py --compare``) and reads each row's metrics per OOD set.
+
+Each row's near-OOD and far-OOD figures are the unweighted mean over the sets of the group in one run; the
+table gives their mean ± std (sample std, ddof = 1) over runs, with each model's test accuracy. New detectors
+of ``utils/detectors.py`` appear without an edit here: ``--score all`` tracks every one and ``--compare``
+reports every tracked one.
+
+Near-OOD: the held-out classes of a digits open-set split (``heldout``), CIFAR-100 for CIFAR-10 and the
+reverse. Far-OOD: the seed's six sets and the synthetic ones, those present (``utils.data.ood_group``).
+
+    python bench/benchmark.py                                 # digits open-set splits, CPU (~20 min, 2 cores)
+    python bench/benchmark.py --in-dataset CIFAR-10 --gpu 0   # CIFAR, where the data and a GPU are
+    python bench/benchmark.py --quick                         # a smoke run (what the tests run)
+
+Writes ``<out>/benchmark.md`` and ``<out>/benchmark.json``; every run's checkpoints, gradients and results
+stay under ``<out>/runs/<in-dataset>-seed<seed>/``.
+"""
+import argparse
+import csv
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.data import check_in_dataset, ood_group  # noqa: E402
+from utils.data.splits import is_digits_split  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.runtime import get_device, run_script  # noqa: E402
+
+DIGITS_SPLITS = ("digits-012345", "digits-135789", "digits-024679")  # 6 known, 4 unknown (Neal et al.'s MNIST ratio)
+MODELS = {"ce": "cross-entropy", "energy": "ce fine-tuned with the energy loss", "bce": "one sigmoid per class"}
+GROUPS = ("near", "far")
+METRICS = ("FPR95", "AUROC")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Epochs, batch sizes and samples of one benchmark: the digits default, CIFAR, or the smoke run."""
+    ce_epochs: int
+    energy_epochs: int
+    bce_epochs: int
+    lr: float
+    batch_size: int
+    oe_batch_size: int
+    aux_dataset: str
+    limit: int | None        # samples tracked per set (None: all); also the training subset's size
+    train_limit: int | None  # training images per epoch (None: all)
+
+
+PLANS = {
+    # ~780 training images in a 6-class split: small batches give the few epochs enough steps (as the demo);
+    # 500 samples a set: every ID test (~300) and heldout (~200) image, 500 of each synthetic set
+    "digits": Plan(8, 3, 10, 0.05, 32, 64, "sample_photos", 500, None),
+    # the recipes of the scripts (energy_ood, the origin's BCE), on the full training set
+    "CIFAR": Plan(100, 10, 100, 0.1, 128, 256, "tinyimages", None, None),
+    "quick": Plan(1, 1, 1, 0.05, 32, 64, "sample_photos", 40, 96),
+}
+
+
+def run(script: str, *args: str) -> None:
+    print(f"\n$ python {script} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(ROOT / script), *args], check=True, cwd=ROOT)
+
+
+def machine() -> str:
+    """The machine in words: CPU model and cores, torch and its intra-op threads, the GPU where used."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {torch.multiprocessing.cpu_count()} cores; torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads{gpu}; Python {platform.python_version()}")
+
+
+def train_and_track(in_dataset: str, seed: int, plan: Plan, gpu: str, folder: Path, data_root: str) -> None:
+    """Train ``ce``, ``energy`` and ``bce`` with ``seed`` and track every detector on every set, under ``folder``."""
+    roots = [f"--checkpoint-root={folder / 'checkpoints'}", f"--data-root={data_root}"]
+    common = [f"--in-dataset={in_dataset}", f"--gpu={gpu}", f"--seed={seed}", *roots]
+    if plan.train_limit:
+        common.append(f"--limit={plan.train_limit}")
+    batches = [f"--batch-size={plan.batch_size}", f"--oe-batch-size={plan.oe_batch_size}",
+               f"--aux-dataset={plan.aux_dataset}"]
+    run("train_energy.py", "--name=ce", *common, *batches, "--lamb=0", f"--epochs={plan.ce_epochs}",
+        f"--lr={plan.lr}", "--overwrite")
+    run("train_energy.py", "--name=energy", *common, *batches, f"--epochs={plan.energy_epochs}",
+        f"--pretrained={folder / 'checkpoints' / in_dataset / 'ce' / 'last.pt'}", "--overwrite")
+    run("train_original.py", "--name=bce", *common, f"--batch-size={plan.batch_size}", f"--epochs={plan.bce_epochs}",
+        f"--lr={plan.lr}", "--overwrite")
+
+    track = [f"--in-dataset={in_dataset}", f"--gpu={gpu}", *roots, f"--gradient-root={folder / 'gradients'}"]
+    if plan.limit:
+        track.append(f"--limit={plan.limit}")
+    for dataset in ("train", "all"):  # the training subset first: with --limit the ID test file is the same
+        for name in ("ce", "energy"):
+            run("track_gradient.py", f"--name={name}", f"--dataset={dataset}", "--score=all", *track)
+        run("track_gradient_original.py", "--name=bce", f"--dataset={dataset}", *track)
+    for name in MODELS:
+        run("compute_gradient_metrics.py", f"--name={name}", "--compare", f"--in-dataset={in_dataset}",
+            f"--gradient-root={folder / 'gradients'}", f"--results-root={folder / 'results'}")
+
+
+def test_accuracy(folder: Path, in_dataset: str, name: str) -> float:
+    """The last epoch's test accuracy (%) from the run's ``log.csv``."""
+    with open(folder / "checkpoints" / in_dataset / name / "log.csv") as f:
+        return float(list(csv.DictReader(f))[-1]["test_acc"])
+
+
+def row_label(entry: dict) -> str:
+    """A comparison row's name in the benchmark: the detector (``combined`` rows say so) or the baseline."""
+    return f"{entry['name']} combined" if entry["kind"] == "combined" else entry["name"]
+
+
+def collect(folder: Path, in_dataset: str) -> dict:
+    """One run's figures: per model and row, each group's mean over its sets; and each model's test accuracy."""
+    groups = {group: set(ood_group(group, in_dataset)) for group in GROUPS}
+    rows = {}
+    for model in MODELS:
+        table = json.loads((folder / "results" / in_dataset / model / "compare" / "comparison.json").read_text())
+        sets = [d for d in table["datasets"] if d != "average"]
+        for entry in table["rows"]:
+            figures = {}
+            for group, members in groups.items():
+                chosen = [d for d in sets if d in members]
+                if chosen:
+                    figures[group] = {m: float(np.mean([entry["results"][d][m] for d in chosen])) for m in METRICS}
+                    figures[group]["sets"] = chosen
+            rows[f"{model}: {row_label(entry)}"] = {"model": model, "row": row_label(entry), "kind": entry["kind"],
+                                                    **figures}
+    return {"rows": rows, "accuracy": {model: test_accuracy(folder, in_dataset, model) for model in MODELS}}
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean ± std over runs of every row's group metrics (rows present in every run) and of the accuracies."""
+    summary = {}
+    for key in runs[0]["figures"]["rows"]:
+        if not all(key in r["figures"]["rows"] for r in runs):
+            continue
+        first = runs[0]["figures"]["rows"][key]
+        entry = {k: first[k] for k in ("model", "row", "kind")}
+        for group in GROUPS:
+            if group in first:
+                entry[group] = {m: mean_std([r["figures"]["rows"][key][group][m] for r in runs]) for m in METRICS}
+        summary[key] = entry
+    accuracy = {model: mean_std([r["figures"]["accuracy"][model] for r in runs]) for model in MODELS}
+    return {"rows": summary, "accuracy": accuracy}
+
+
+def cell(stat: dict | None) -> str:
+    return "–" if stat is None else f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def markdown(report: dict) -> str:
+    """The benchmark as Markdown: header (command, machine, wall time), accuracies, then one row per detector
+    and baseline, best near-OOD AUROC first (far-OOD where there is no near set)."""
+    summary, runs = report["summary"], report["runs"]
+    lines = [f"# OOD benchmark: {report['in_dataset']}", "",
+             f"Command: `{report['command']}`  ",
+             f"Machine: {report['machine']}  ",
+             f"Wall time: {report['wall_s'] / 60:.1f} min for {len(runs)} run(s): "
+             + ", ".join(f"{r['in_dataset']} seed {r['seed']}" for r in runs) + ".  ",
+             f"Plan: {report['plan']}.", "",
+             "Each cell: mean ± std (ddof = 1) over the runs of the unweighted mean over the group's sets, in %. "
+             "ID is positive; FPR95 is the FPR at 95 % TPR. Near-OOD: "
+             + (", ".join(report["sets"]["near"]) or "none") + "; far-OOD: " + ", ".join(report["sets"]["far"]) + ".",
+             "Detectors by their headline row; `combined` rows, Mahalanobis and KNN are fit on ID training images "
+             "only. Rows name the model they are computed on: " + "; ".join(f"`{k}` {v}" for k, v in MODELS.items())
+             + ".", "", "| model | test accuracy |", "|---|---|"]
+    lines += [f"| {model} | {cell(stat)} |" for model, stat in summary["accuracy"].items()]
+    sort_group = "near" if report["sets"]["near"] else "far"
+    ordered = sorted(summary["rows"].values(), key=lambda e: -e.get(sort_group, {}).get("AUROC", {}).get("mean", 0))
+    lines += ["", "| model | detector / baseline | near FPR95 ↓ | near AUROC ↑ | far FPR95 ↓ | far AUROC ↑ |",
+              "|---|---|---|---|---|---|"]
+    for entry in ordered:
+        cells = [cell(entry.get(group, {}).get(m)) for group in GROUPS for m in METRICS]
+        lines.append(f"| {entry['model']} | {entry['row']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--in-dataset", default="digits", type=check_in_dataset,
+                        help="digits: the open-set splits of --splits, one per seed; a split (digits-012345) for "
+                             "that one; CIFAR-10 or CIFAR-100")
+    parser.add_argument("--splits", nargs="+", default=list(DIGITS_SPLITS), type=check_in_dataset,
+                        help="the digits open-set splits; run k uses split k mod their number")
+    parser.add_argument("--seeds", type=int, default=3, help="training runs (seeds 1..N)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 1 epoch each, 40 samples a set")
+    parser.add_argument("--aux-dataset", help="the energy fine-tuning's auxiliary outliers (default: sample_photos "
+                                              "on digits, tinyimages on CIFAR; random300k is OE's replacement)")
+    parser.add_argument("--gpu", default="-1", help="CUDA device; -1 (default) for the CPU")
+    parser.add_argument("--data-root", default="datasets", help="where the data files are")
+    parser.add_argument("--out", default="bench_output", help="folder for the runs and the report")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds = 1
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {args.seeds}.")
+    if any(not is_digits_split(s) for s in args.splits):
+        raise UserError("--splits takes digits open-set splits, e.g. digits-012345.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    family = "digits" if args.in_dataset == "digits" or is_digits_split(args.in_dataset) else "CIFAR"
+    plan = PLANS["quick" if args.quick else family]
+    if args.aux_dataset:
+        plan = replace(plan, aux_dataset=args.aux_dataset)
+    gpu = args.gpu if get_device(args.gpu).type == "cuda" else "-1"
+    out = Path(args.out).resolve()
+    command = "python bench/benchmark.py" + (f" {' '.join(argv)}" if argv else " ".join(["", *sys.argv[1:]]))
+    print(f"benchmark: {command}\nmachine: {machine()}\nplan: {plan}", flush=True)
+    start = time.time()
+    runs = []
+    for k in range(args.seeds):
+        seed = k + 1
+        in_dataset = args.splits[k % len(args.splits)] if args.in_dataset == "digits" else args.in_dataset
+        folder = out / "runs" / f"{in_dataset}-seed{seed}"
+        shutil.rmtree(folder / "gradients", ignore_errors=True)  # never mix in an earlier run's files
+        shutil.rmtree(folder / "results", ignore_errors=True)
+        run_start = time.time()
+        train_and_track(in_dataset, seed, plan, gpu, folder, args.data_root)
+        runs.append({"in_dataset": in_dataset, "seed": seed, "wall_s": time.time() - run_start,
+                     "figures": collect(folder, in_dataset)})
+    report = {"in_dataset": args.in_dataset, "command": command, "machine": machine(), "plan": asdict(plan),
+              "wall_s": time.time() - start, "torch_threads": torch.get_num_threads(),
+              "sets": {group: sorted({d for r in runs for e in r["figures"]["rows"].values()
+                                      for d in e.get(group, {}).get("sets", [])}) for group in GROUPS},
+              "near_of": {r["in_dataset"]: list(ood_group("near", r["in_dataset"])) for r in runs},
+              "runs": runs, "summary": summarise(runs)}
+    text = markdown(report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.md").write_text(text)
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n" + text + f"\nwrote {out / 'benchmark.md'} and {out / 'benchmark.json'} "
+          f"({report['wall_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    run_script(main)
