@@ -22,7 +22,7 @@ detector, ``<detector>_layers.png``).
 fifth of the ID set's size from each OOD set, mean ± std); ``--ood-positive`` adds OpenOOD's FPR95 (OOD+).
 
 Conventions (``utils/tables.py``, ``utils/metrics.py``): ID is the positive class and the score is higher
-for ID, each detector's sign from ``utils/detectors.py``: −norm for ``norm_single`` with
+for ID, each detector's sign from ``utils/detectors/``: −norm for ``norm_single`` with
 ``min``/``pred``/``exgrad``, +norm with ``max``/``gradnorm`` and for ``original_single``, +value for ``odin``
 (its values are the perturbed max softmax, not norms); ``--flip`` inverts it.
 """

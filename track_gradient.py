@@ -1,6 +1,6 @@
 """Track per-sample gradient norms of a cross-entropy classifier on an in-distribution or OOD test set.
 
-``--score`` is the detector (``utils/detectors.py``): ``min``/``max``/``pred`` keep, of the K cross-entropy
+``--score`` is the detector (``utils/detectors/``): ``min``/``max``/``pred`` keep, of the K cross-entropy
 gradients (one per label), the smallest or largest in L2 norm over all tracked weights, or the predicted
 label's; ``gradnorm`` the L1 norms of the gradient of Σ_k −log softmax(f(x)/T)_k (Huang et al. 2021);
 ``exgrad`` the per-class gradient norms expected under the model's prediction (Igoe et al. 2022); ``odin``

@@ -12,7 +12,7 @@ For each run (a training seed and, on digits, an open-set split of its own), it 
 
 Each row's near-OOD and far-OOD figures are the unweighted mean over the sets of the group in one run; the
 table gives their mean ± std (sample std, ddof = 1) over runs, with each model's test accuracy. New detectors
-of ``utils/detectors.py`` appear without an edit here: ``--score all`` tracks every one and ``--compare``
+of ``utils/detectors/`` appear without an edit here: ``--score all`` tracks every one and ``--compare``
 reports every tracked one.
 
 Near-OOD: the held-out classes of a digits open-set split (``heldout``), CIFAR-100 for CIFAR-10 and the

@@ -3,7 +3,7 @@ score, one table per ID–OOD pair (every layer, ``total``, extra rows, the ``co
 average over OOD sets, the printed form and the JSON/CSV files.
 
 Gradient scores (``--saved_form``): the files hold per-layer norms, and each detector's sign
-(``utils/detectors.py``) makes them a score. ``norm_single`` with ``min``, ``pred`` or ``exgrad`` scores −norm (ID
+(``utils/detectors/``) makes them a score. ``norm_single`` with ``min``, ``pred`` or ``exgrad`` scores −norm (ID
 samples have the smaller gradient), with ``max`` or ``gradnorm`` +norm; ``original_single`` (the
 confounding-label gradient of a BCE model) scores +norm, as in the original analysis. ``flip`` inverts any of
 them. The output-based baselines are MSP (higher = ID) and −E(x) = logsumexp f(x), since the files store the
