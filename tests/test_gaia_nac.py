@@ -18,7 +18,7 @@ from tests.test_detectors import as_rows, assert_matches
 from tests.test_per_sample import calibrated_model
 from tests.test_track_gradient import load, make_checkpoint, roots  # noqa: F401  (the roots fixture)
 from tests.test_track_gradient import run as run_tracking
-from utils.coverage import coverage_scores, fit_record, score_record, thresholds
+from utils.coverage import coverage_scores, fit_record, nac_states, score_record, thresholds
 from utils.detectors import DETECTORS, NAC_HYPER, batchnorms, gaia_a_targets, gradient_scores, nac_layers
 from utils.gradients import save_gradients
 from utils.metrics import ood_metrics
@@ -134,8 +134,9 @@ def test_tracked_files_are_read_by_the_per_layer_tables_and_the_comparison(roots
         run_tracking(track_gradient, roots, "--name=net", "--dataset=gaussian", f"--score={name}", "--limit=6")
     records = {name: (load(roots, "net", name, "digits"), load(roots, "net", name, "gaussian"))
                for name in (*GAIA, "nac_ue")}
-    assert list(records["nac_ue"][0]["layers"]) == list(records["nac_ue"][0]["features"]) == ["features", "layer2",
-                                                                                             "layer1"]
+    assert list(records["nac_ue"][0]["layers"]) == list(nac_states(records["nac_ue"][0])) == [
+        "features", "layer2", "layer1"]
+    assert "penultimate" in records["nac_ue"][0]["features"]  # every file's, beside NAC's states
     assert list(records["gaia_z"][0]["layers"]) == list(batchnorms(model))
     assert list(records["gaia_a"][0]["layers"]) == list(gaia_a_targets(model)[0])
     results = roots["gradient"].parent / "results"
@@ -235,7 +236,7 @@ def test_nac_is_fit_on_the_training_file_only(roots):  # noqa: F811
     run_tracking(track_gradient, roots, "--name=net", "--dataset=gaussian", "--score=nac_ue", "--limit=6")
     train, gaussian = load(roots, "net", "nac_ue", "train"), load(roots, "net", "nac_ue", "gaussian")
     assert train["num_samples"] == 6 and train["fit"]["num_train"] == 6 and gaussian["fit"] == train["fit"]
-    _, total = coverage_scores(fit_record(train), gaussian["features"])
+    _, total = coverage_scores(fit_record(train), nac_states(gaussian))
     np.testing.assert_allclose(gaussian["total"], total, rtol=1e-6)
     train_bytes = (roots["gradient"] / "digits/net/nac_ue/train.pkl").read_bytes()
 
