@@ -302,6 +302,7 @@ def test_a_file_that_is_not_a_gradients_file_is_refused(tmp_path, content):
         load_gradients(path)
 
 
+@pytest.mark.slow  # a subprocess: python and torch start afresh
 def test_script_exits_2_with_one_line_and_runs_no_code(tmp_path):
     gradients = tmp_path / "gradients"
     write(make_record("CIFAR-10", 30, 0.0, 0), gradients)

@@ -324,6 +324,7 @@ def test_places365_follows_the_list(tmp_path):
     assert "1 of the 3" in str(error.value) and names[1] in str(error.value)
 
 
+@pytest.mark.slow  # 10,000 files written
 @pytest.mark.skipif(not (SHARED_DATA / "places365_test_list.txt").is_file(), reason="no copy of the real list")
 def test_places365_real_list(tmp_path):
     places = tmp_path / "ood_datasets" / "places365"

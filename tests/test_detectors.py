@@ -35,7 +35,8 @@ def assert_matches(batched: dict[str, float], reference: dict[str, float], toler
         assert batched[key] == pytest.approx(expected, rel=tolerance, abs=0), key
 
 
-@pytest.fixture(scope="module", params=["resnet20", "wrn40_2"])
+# WRN-40-2's float64 definitions take seconds each: its cases run in the full suite, not the fast loop.
+@pytest.fixture(scope="module", params=["resnet20", pytest.param("wrn40_2", marks=pytest.mark.slow)])
 def model_and_images(request):
     model = calibrated_model(request.param, torch.float64)
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

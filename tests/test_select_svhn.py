@@ -66,6 +66,7 @@ def test_seed_command_defaults(tmp_path, monkeypatch, capsys):
     assert "digit 0 (label 10): 1000 of 1005" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a subprocess: python and torch start afresh
 def test_missing_input_is_one_clear_line(tmp_path):
     """Run as a script: a one-line error naming the file, exit status 2, no traceback."""
     result = subprocess.run([sys.executable, str(SCRIPT), "--data-root", str(tmp_path)], cwd=tmp_path,

@@ -125,6 +125,7 @@ def test_a_missing_or_mismatched_checkpoint_names_the_command_that_makes_it(root
     assert "CIFAR-10" in message and "train_energy.py --name=other --in-dataset=digits" in message
 
 
+@pytest.mark.slow  # subprocesses: python and torch start afresh for each command
 @pytest.mark.parametrize("command", [
     ["track_gradient.py", "--name=resnet", "--dataset=LSUN", "--score=min", "--gpu=0"],
     ["track_gradient_original.py", "--name=resnet_bce", "--dataset=LSUN", "--gpu=0"],

@@ -130,6 +130,7 @@ def test_overwrite_starts_over(energy_run, tmp_path):
     assert not torch.equal(new[1], outputs[1])
 
 
+@pytest.mark.slow  # a subprocess: python and torch start afresh
 def test_missing_auxiliary_data_is_one_clean_error(tmp_path):
     data_root = tmp_path / "empty"
     data_root.mkdir()
