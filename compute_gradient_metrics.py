@@ -29,16 +29,14 @@ for ID, each detector's sign from ``utils/detectors/``: −norm for ``norm_singl
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from utils import cli
-from utils.combine import SHRINKAGE, GaussianFit, combined_score, fit_gaussian
+from utils.combine import SHRINKAGE
 from utils.compare import comparison_table, format_comparison, saved_form_of, tracked_detectors, write_comparison
 from utils.data import check_dataset_name
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector
 from utils.errors import UserError
-from utils.feature_baselines import FeatureFit, feature_distances, fit_features
-from utils.gradients import GRADIENT_ROOT, GradientFileError, gradient_path, load_gradients, ood_dataset_names
+from utils.gradients import gradient_path, ood_dataset_names
+from utils.metric_files import check_same_model, last_layer, load_records, ood_datasets, training_record
 from utils.metrics import PROTOCOLS, Protocol
 from utils.plots import plot_detection, plot_layer_auroc
 from utils.runtime import run_script
@@ -54,6 +52,7 @@ from utils.tables import (
     write_table,
 )
 from utils.tracking import TRAIN_SPLIT
+from utils.train_fits import baseline_distances, combined_fit, distances, feature_fit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,71 +110,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def track_command(args: argparse.Namespace, dataset: str) -> str:
-    """The command that writes the gradients file of ``dataset`` (and the ID test set's first)."""
-    command = ("python track_gradient_original.py" if args.saved_form == "original_single"
-               else "python track_gradient.py")
-    command += f" --name={args.name} --dataset={dataset}" + (f" --score={args.score}" if args.score else "")
-    command += " --layers=last" * (args.layers == "last")
-    if args.in_dataset != cli.DEFAULT_IN_DATASET:
-        command += f" --in-dataset={args.in_dataset}"
-    if args.gradient_root != GRADIENT_ROOT:
-        command += f" --gradient-root={args.gradient_root}"
-    return command
-
-
-def load_record(path: Path, args: argparse.Namespace, dataset: str) -> dict:
-    """Load a gradients file and check that it is the one asked for (model, in-dataset, method, score, set)."""
-    if not path.is_file():
-        if dataset == args.in_dataset:
-            hint = f"`{track_command(args, args.dataset)}`, which tracks the {args.in_dataset} test set first"
-        else:
-            hint = f"`{track_command(args, dataset)}`"
-        raise GradientFileError(f"gradients file not found: {path}; make it with {hint}")
-    record = load_gradients(path)
-    expected = {"model name": (record["model"]["name"], args.name),
-                "in-dataset": (record["model"]["in_dataset"], args.in_dataset),
-                "method": (record["method"], SAVED_FORMS[args.saved_form]),
-                "score": (record["score"], args.score),
-                "layers": (record.get("options", {}).get("layers", "all"), args.layers),
-                "dataset": (record["dataset"], dataset)}
-    wrong = [f"{key} {found!r} (expected {wanted!r})" for key, (found, wanted) in expected.items() if found != wanted]
-    if wrong:
-        raise GradientFileError(f"{path} does not hold what its path says: {'; '.join(wrong)}")
-    return record
-
-
-def check_same_model(id_record: dict, id_path: Path, ood_record: dict, ood_path: Path,
-                     same_layers: bool = True) -> None:
-    """ID and OOD files must come from the same checkpoint and (``same_layers``: files of one detector) track the
-    same layers, in the same order."""
-    id_model, ood_model = id_record["model"], ood_record["model"]
-    differ = [f"{k}: {id_model.get(k)!r} vs {ood_model.get(k)!r}"
-              for k in sorted(set(id_model) | set(ood_model)) if id_model.get(k) != ood_model.get(k)]
-    if differ:
-        raise GradientFileError(f"{id_path} and {ood_path} come from different models ({'; '.join(differ)}); "
-                                "track both with the same checkpoint")
-    if not same_layers:
-        return
-    id_layers, ood_layers = list(id_record["layers"]), list(ood_record["layers"])
-    if same_layers and id_layers != ood_layers:
-        only_id, only_ood = set(id_layers) - set(ood_layers), set(ood_layers) - set(id_layers)
-        detail = (f"only in the ID file: {', '.join(sorted(only_id)) or '-'}; "
-                  f"only in the OOD file: {', '.join(sorted(only_ood)) or '-'}" if only_id or only_ood
-                  else "the same layers in a different order")
-        raise GradientFileError(f"{id_path} and {ood_path} track different layers ({detail})")
-
-
-def ood_datasets(args: argparse.Namespace, folder: Path) -> list[str]:
-    """``--dataset``, or for ``all`` every OOD set tracked in ``folder``, in alphabetical order."""
-    if args.dataset != "all":
-        return [args.dataset]
-    names = ood_dataset_names(folder, args.in_dataset)
-    if not names:
-        raise UserError(f"no OOD gradients files in {folder}; make them with `{track_command(args, 'all')}`")
-    return names
-
-
 def plot_table(table: dict, id_record: dict, ood_record: dict, sign: int, folder: Path) -> list[Path]:
     """Histogram + ROC figures of ``total``, the detector's headline row, and the best and worst layer by AUROC."""
     best, worst = best_and_worst_layers(table)
@@ -197,71 +131,6 @@ def plot_table(table: dict, id_record: dict, ood_record: dict, sign: int, folder
         for row, role in roles.items()]
 
 
-def training_record(args: argparse.Namespace, id_record: dict, id_path: Path) -> dict | None:
-    """The training split's file (what the ``combined`` row and the feature baselines are fit on), checked to
-    come from the model of ``id_record``; None, with a note, when it is missing."""
-    path = gradient_path(args.in_dataset, args.name, args.score, TRAIN_SPLIT, args.gradient_root, last_layer(args))
-    if not path.is_file():
-        rows = "Mahalanobis and KNN rows" if args.combine == "none" else "'combined' row (nor Mahalanobis and KNN)"
-        print(f"No {rows}: {path} (the in-distribution training images they are fit on) is missing; make it with "
-              f"`{track_command(args, TRAIN_SPLIT)}`.\n")
-        return None
-    train_record = load_record(path, args, TRAIN_SPLIT)
-    check_same_model(id_record, id_path, train_record, path)
-    return train_record
-
-
-def combined_fit(args: argparse.Namespace, train_record: dict | None) -> GaussianFit | None:
-    """The Gaussian of the ``combined`` row, fit on the training split's file alone (``utils.combine``), or
-    None when ``--combine none`` or that file is missing."""
-    if args.combine == "none" or train_record is None or len(train_record["layers"]) < 2:
-        return None  # one row (ODIN, --layers last): nothing to combine
-    fit = fit_gaussian(train_record, args.combine)
-    print(f"'combined': a Gaussian ({args.combine} shrinkage {fit.shrinkage:.3f}) on the log per-layer norms of "
-          f"{fit.num_samples} in-distribution training images.\n")
-    return fit
-
-
-def feature_fit(args: argparse.Namespace, train_record: dict | None) -> FeatureFit | None:
-    """Mahalanobis and KNN fit on the training split's penultimate features (``utils.feature_baselines``), or
-    None, with a note, when that file is missing or holds no features."""
-    if train_record is None:
-        return None
-    fit = fit_features(train_record, args.knn_k)
-    if fit is None:
-        print(f"No Mahalanobis and KNN rows: the training file holds no penultimate features (tracked before they "
-              f"were stored); track it again with `{track_command(args, TRAIN_SPLIT)}`.\n")
-    else:
-        print(f"Mahalanobis and KNN (k = {fit.k}): fit on the penultimate features of {fit.num_samples} "
-              "in-distribution training images.\n")
-    return fit
-
-
-def distances(fit: GaussianFit | None, id_record: dict, ood_records: dict[str, dict]
-              ) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
-    """The ``combined`` row's raw values for each OOD set: the ID samples' Mahalanobis distances from ``fit``
-    (computed once) and that set's; None for every set without a fit."""
-    if fit is None:
-        return dict.fromkeys(ood_records)
-    id_distances = -combined_score(fit, id_record)
-    return {dataset: (id_distances, -combined_score(fit, record)) for dataset, record in ood_records.items()}
-
-
-def last_layer(args: argparse.Namespace) -> bool:
-    return args.layers == "last"
-
-
-def baseline_distances(fit: FeatureFit | None, id_record: dict, ood_records: dict[str, dict]
-                       ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]] | None]:
-    """Each feature baseline's ID and OOD distances for each OOD set (the ID ones computed once); None for every
-    set without a fit."""
-    if fit is None:
-        return dict.fromkeys(ood_records)
-    id_values = feature_distances(fit, id_record)
-    return {dataset: {name: (id_values[name], values) for name, values in feature_distances(fit, record).items()}
-            for dataset, record in ood_records.items()}
-
-
 def results_folder(args: argparse.Namespace) -> Path:
     """``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip][-<protocol>]`` (``compare`` for the
     comparison); the default protocol adds nothing."""
@@ -277,19 +146,6 @@ def protocol_of(args: argparse.Namespace) -> Protocol:
 def report(table: dict, written: list[Path]) -> None:
     print(format_table(table))
     print("".join(f"wrote {path}\n" for path in written))
-
-
-def load_records(args: argparse.Namespace, datasets: list[str]) -> tuple[Path, dict, dict[str, dict]]:
-    """The ID file's path and record and each OOD set's record, checked to come from the same model."""
-    id_path = gradient_path(args.in_dataset, args.name, args.score, args.in_dataset, args.gradient_root,
-                            last_layer(args))
-    id_record = load_record(id_path, args, args.in_dataset)
-    ood_records = {}
-    for dataset in datasets:
-        path = gradient_path(args.in_dataset, args.name, args.score, dataset, args.gradient_root, last_layer(args))
-        ood_records[dataset] = load_record(path, args, dataset)
-        check_same_model(id_record, id_path, ood_records[dataset], path)
-    return id_path, id_record, ood_records
 
 
 def per_layer_tables(args: argparse.Namespace) -> None:

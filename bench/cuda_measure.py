@@ -71,7 +71,11 @@ def exactness(device: torch.device, sizes: Sizes) -> list[dict]:
             floors[name] = [relative_difference(detector.reference(model32, image.float()), reference)
                             for image, reference in zip(x64, references[name])]
         for tf32 in (False, True):
-            _, scores = gradient_scores(model, x, list(DETECTORS.values()), tf32=tf32)
+            # On the CPU oneDNN rounds a batch's convolutions otherwise than one image's, which can flip a ReLU
+            # within rounding of its kink (GAIA-A's spatial means of gradients show it at ~1e-3): off here, as in
+            # tests/test_per_sample.py, so that the CPU smoke run checks the engine, not oneDNN's batching.
+            with torch.backends.mkldnn.flags(enabled=device.type != "cpu"):
+                _, scores = gradient_scores(model, x, list(DETECTORS.values()), tf32=tf32)
             for name, reference in references.items():
                 values = [as_values(scores[name], i) for i in range(len(x))]
                 differences = [relative_difference(v, r) for v, r in zip(values, reference)]

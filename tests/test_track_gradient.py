@@ -16,7 +16,8 @@ from utils.data import NORMALIZATION, get_dataset
 from utils.detectors import DETECTORS, TRACK_GRADIENT_SCORES, gradient_scores
 from utils.gradients import CHECKPOINT_HASH_KEY, MODEL_KEYS, gradient_path, load_gradients
 from utils.runtime import run_script
-from utils.tracking import TRAIN_SUBSET_SEED, Part
+from utils.shards import Part
+from utils.tracking import TRAIN_SUBSET_SEED
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = ("gaussian", "rademacher", "blobs")

@@ -266,12 +266,42 @@ def _gradients(model: nn.Module, x: torch.Tensor, output_grads: Callable[[torch.
                requests: tuple[NormRequest | ActivationRequest, ...]
                ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     layers = tracked_layers(model)
-    head = list(layers)[-1]
-    modules = dict(model.named_modules())
     activation_targets = list(dict.fromkeys(t for _, kind, targets in requests if isinstance(kind, str)
                                             for t in targets))
     weight_targets = [name for name in layers if any(
         not isinstance(kind, str) and (wanted is None or name in wanted) for _, kind, wanted in requests)]
+    logits, inputs, outputs, activations = _forward(model, x, layers, activation_targets)
+    groups = output_grads(logits.detach())
+    groups = [groups] if isinstance(groups, (torch.Tensor, tuple)) else groups
+    groups = [(g, None) if isinstance(g, torch.Tensor) else g for g in groups]
+    bounds = torch.tensor([0, *(len(g) for g, _ in groups)]).cumsum(0).tolist()
+    targets = [outputs[name] for name in weight_targets] + [activations[t] for t in activation_targets]
+    grads, scale = _backward(groups, logits, activations.get(FEATURES), targets)
+    weight_grads = dict(zip(weight_targets, grads))
+    activation_grads = dict(zip(activation_targets, grads[len(weight_targets):]))
+    results = []
+    for group, kind, wanted in requests:
+        rows = slice(bounds[group], bounds[group + 1])
+        found = {}
+        if isinstance(kind, str):
+            rule, degree = _ACTIVATION_RULES[kind]
+            for target in wanted:
+                found[target] = rule(activations[target].detach(), activation_grads[target][rows])
+                found[target] = found[target] * scale[rows].unsqueeze(2) ** degree
+        else:
+            for name in weight_targets:
+                if wanted is None or name in wanted:
+                    power_sum = _rule(name, layers[name])(layers[name], inputs[name], weight_grads[name][rows], kind)
+                    found[name] = scale[rows] * (power_sum.sqrt() if kind == 2 else power_sum)
+        results.append(found)
+    return logits.detach(), results
+
+
+def _forward(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], activation_targets: list[str]
+             ) -> tuple[torch.Tensor, dict, dict, dict]:
+    """One forward pass with hooks: the logits, each tracked layer's input (detached) and output, and each
+    activation target's output (``FEATURES``: the head's input)."""
+    head, modules = list(layers)[-1], dict(model.named_modules())
     inputs, outputs, activations = {}, {}, {}
 
     def keep(name: str):
@@ -304,11 +334,13 @@ def _gradients(model: nn.Module, x: torch.Tensor, output_grads: Callable[[torch.
     unused = [name for name in layers if name not in outputs] + [t for t in activation_targets if t not in activations]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not used in the forward pass")
-    groups = output_grads(logits.detach())
-    groups = [groups] if isinstance(groups, (torch.Tensor, tuple)) else groups
-    groups = [(g, None) if isinstance(g, torch.Tensor) else g for g in groups]
-    bounds = torch.tensor([0, *(len(g) for g, _ in groups)]).cumsum(0).tolist()
-    features = activations.get(FEATURES)
+    return logits, inputs, outputs, activations
+
+
+def _backward(groups: list[tuple[torch.Tensor, torch.Tensor | None]], logits: torch.Tensor,
+              features: torch.Tensor | None, targets: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every row of every group back-propagated together to ``targets``, each row at unit length: the gradients
+    (R, B, ...) per target and each row's scale (R, B), by which the gradients are to be multiplied."""
     seeds = [torch.cat([g for g, _ in groups])]
     if any(f is not None for _, f in groups):
         width = features.shape[1]
@@ -317,26 +349,6 @@ def _gradients(model: nn.Module, x: torch.Tensor, output_grads: Callable[[torch.
     scale = torch.linalg.vector_norm(torch.cat(seeds, 2), dim=2).clamp_min(torch.finfo(seeds[0].dtype).tiny)  # (R, B)
     units = [seed / scale.unsqueeze(2) for seed in seeds]
     sources = [logits, features][:len(seeds)]
-    targets = [outputs[name] for name in weight_targets] + [activations[t] for t in activation_targets]
     if len(scale) == 1:  # one loss per sample: a plain backward pass, no vmap over the losses
-        grads = [grad.unsqueeze(0) for grad in torch.autograd.grad(sources, targets, [u[0] for u in units])]
-    else:
-        grads = torch.autograd.grad(sources, targets, units, is_grads_batched=True)
-    weight_grads = dict(zip(weight_targets, grads))
-    activation_grads = dict(zip(activation_targets, grads[len(weight_targets):]))
-    results = []
-    for group, kind, wanted in requests:
-        rows = slice(bounds[group], bounds[group + 1])
-        found = {}
-        if isinstance(kind, str):
-            rule, degree = _ACTIVATION_RULES[kind]
-            for target in wanted:
-                found[target] = rule(activations[target].detach(), activation_grads[target][rows])
-                found[target] = found[target] * scale[rows].unsqueeze(2) ** degree
-        else:
-            for name in weight_targets:
-                if wanted is None or name in wanted:
-                    power_sum = _rule(name, layers[name])(layers[name], inputs[name], weight_grads[name][rows], kind)
-                    found[name] = scale[rows] * (power_sum.sqrt() if kind == 2 else power_sum)
-        results.append(found)
-    return logits.detach(), results
+        return [grad.unsqueeze(0) for grad in torch.autograd.grad(sources, targets, [u[0] for u in units])], scale
+    return list(torch.autograd.grad(sources, targets, units, is_grads_batched=True)), scale
