@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 import models
 import track_gradient
 import train_original
-from tests.test_data import write_cifar
+from tests.test_cifar import write_cifar
 from utils.checkpoints import load_model, save_checkpoint
 from utils.data import (
     NORMALIZATION,
