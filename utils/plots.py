@@ -13,7 +13,8 @@ from utils.io import atomic_write
 from utils.metrics import fpr_at_tpr, ood_metrics, roc
 
 ID_COLOR, OOD_COLOR = "tab:blue", "tab:orange"
-BASELINE_STYLES = {"MSP": ("0.45", "--"), "Energy": ("0.45", ":")}
+BASELINE_STYLES = {"MSP": ("0.45", "--"), "Energy": ("0.45", ":"), "Mahalanobis": ("tab:cyan", "--"),
+                   "KNN": ("tab:olive", ":")}
 
 
 def shared_bin_edges(id_values: np.ndarray, ood_values: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -88,7 +89,7 @@ def plot_detection(path: str | Path, id_values, ood_values, sign: int, metrics: 
     return path
 
 
-REFERENCE_STYLES = {"total": ("tab:red", "-"), "MSP": ("0.45", "--"), "Energy": ("0.45", ":")}  # extra rows: -.
+REFERENCE_STYLES = {"total": ("tab:red", "-"), "combined": ("tab:purple", "-."), **BASELINE_STYLES}  # extra rows: pink -.
 
 
 def plot_layer_auroc(path: str | Path, tables: list[dict], *, title: str) -> Path:
@@ -125,7 +126,7 @@ def plot_layer_auroc(path: str | Path, tables: list[dict], *, title: str) -> Pat
             ax.fill_between(depth, auroc - std, auroc + std, color=color, alpha=0.15, linewidth=0)
     where = "average" if len(tables) > 1 else reference["ood_dataset"]
     for row in (r for r in reference["rows"] if r["kind"] != "layer"):
-        color, style = REFERENCE_STYLES.get(row["row"], ("tab:purple", "-."))
+        color, style = REFERENCE_STYLES.get(row["row"], ("tab:pink", "-."))
         headline = ", headline row" if row["row"] == reference["headline"] else ""
         ax.axhline(row["AUROC"], color=color, linestyle=style, linewidth=1.1,
                    label=f"{row['row']} ({where}{headline}): {row['AUROC']:.1f}%")

@@ -86,6 +86,7 @@ class GaiaA(Detector):
     paper = GAIA_PAPER
     formula = "mean_c (|avg ∂Σh/∂a_c| / o)², o = sqrt(mean_c |avg ∂Σ_k log softmax_k/∂F_c|)"
     rows = "gaia_a"
+    norm = None  # a mean of squared ratios, not a norm
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.stack([1 - logits.shape[1] * logits.softmax(1), torch.zeros_like(logits)])
@@ -144,6 +145,7 @@ class GaiaZ(Detector):
     paper = GAIA_PAPER
     formula = "mean_c ρ_c², ρ_c = fraction of non-zero entries of ∂max_k f_k/∂a_c at every BatchNorm output a"
     rows = "max_logit"
+    norm = None  # a mean of squared fractions, not a norm
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         return F.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype).unsqueeze(0)

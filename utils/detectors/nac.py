@@ -72,6 +72,7 @@ class NacUE(Detector):
     paper = NAC_PAPER
     formula = "mean_l mean_c coverage_lc(bin of sigmoid(α·Σ_s a_c·Σ_s ∂KL(u‖p)/∂a_c)), fit on ID training images"
     rows = "kl_uniform"
+    norm = None  # a coverage, not a norm
     sign = +1
     fits_on_training = True
 
