@@ -89,7 +89,7 @@ def plot_detection(path: str | Path, id_values, ood_values, sign: int, metrics: 
     return path
 
 
-REFERENCE_STYLES = {"total": ("tab:red", "-"), "combined": ("tab:purple", "-."), **BASELINE_STYLES}  # extra rows: pink -.
+REFERENCE_STYLES = {"total": ("tab:red", "-"), "combined": ("tab:purple", "-."), **BASELINE_STYLES}  # extra rows: pink
 
 
 def plot_layer_auroc(path: str | Path, tables: list[dict], *, title: str) -> Path:
