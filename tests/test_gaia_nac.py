@@ -150,7 +150,7 @@ def test_tracked_files_are_read_by_the_per_layer_tables_and_the_comparison(roots
         expected = ood_metrics(sign * id_record["total"].astype(np.float64),
                                sign * ood_record["total"].astype(np.float64))
         assert total["AUROC"] == pytest.approx(100 * expected["AUROC"])
-        assert table["gradient_score"] == ("-norm" if sign < 0 else "+norm")
+        assert table["gradient_score"] == ("-value" if sign < 0 else "+value")  # not norms: the file says "none"
     compute_gradient_metrics.main([*common, "--compare"])
     comparison = json.loads((results / "digits/net/compare/comparison.json").read_text())
     assert {(r["name"], r["row"]) for r in comparison["rows"] if r["kind"] == "detector"} == {

@@ -33,7 +33,7 @@ def test_a_record_of_every_detector_round_trips(tmp_path, name):
     built = record(None if name == "original" else name, 5, 0)
     detector = DETECTORS[name]
     assert (built["method"], built["score"], built["norm"]) == (
-        detector.method, None if name == "original" else name, "none" if name == "odin" else f"L{detector.norm}")
+        detector.method, None if name == "original" else name, "none" if detector.norm is None else f"L{detector.norm}")
     assert all(built[key].dtype == dtype for key, dtype in PER_SAMPLE_KEYS.items())
     path = gradient_path("digits", "net", None if name == "original" else name, "gaussian", tmp_path)
     assert path.parent.name == name
