@@ -136,3 +136,12 @@ class Detector:
 
     def headline_row(self, layers: Sequence[str]) -> str:
         return layers[-1] if self.headline == "last" else self.headline
+
+
+class ActivationDetector(Detector):
+    """A detector of gradients at module *outputs* (``activations``), not of weights: it requests no weight-gradient
+    norms, and its values are not norms (the file's ``norm`` is ``none``)."""
+    norm = None
+
+    def requests(self, last_layer: str) -> tuple:
+        return ()

@@ -8,7 +8,7 @@ from torch import nn
 from models.resnet import CifarResNet, ResNet18
 from models.wrn import WideResNet
 from utils.detectors.base import (
-    Detector,
+    ActivationDetector,
     Scores,
 )
 from utils.per_sample import FEATURES, tracked_layers
@@ -72,7 +72,7 @@ def _keep_gradients(model: nn.Module, names: Sequence[str], grads: dict[str, tor
 
 
 
-class GaiaA(Detector):
+class GaiaA(ActivationDetector):
     """GAIA-A (``cal_grad_value``, ``before_head`` hooks; ``gaia_a_targets`` says which per architecture): two
     backward passes. First L₁ = Σ_k log softmax(f(x))_k, dL₁/dz = 1 − K·softmax(z), and the output component
     o = sqrt(mean_c |spatial mean of dL₁/dF_c|) at the pre-head target F. Then L₂ = Σ_c h_c, the sum of the
@@ -86,7 +86,6 @@ class GaiaA(Detector):
     paper = GAIA_PAPER
     formula = "mean_c (|avg ∂Σh/∂a_c| / o)², o = sqrt(mean_c |avg ∂Σ_k log softmax_k/∂F_c|)"
     rows = "gaia_a"
-    norm = None  # a mean of squared ratios, not a norm
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.stack([1 - logits.shape[1] * logits.softmax(1), torch.zeros_like(logits)])
@@ -94,9 +93,6 @@ class GaiaA(Detector):
     def feature_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         ones = logits.new_ones(len(logits), 1)
         return torch.stack([torch.zeros_like(ones), ones])
-
-    def requests(self, last_layer: str) -> tuple:
-        return ()
 
     def activations(self, model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
         inner, head = gaia_a_targets(model)
@@ -135,7 +131,7 @@ class GaiaA(Detector):
 
 
 
-class GaiaZ(Detector):
+class GaiaZ(ActivationDetector):
     """GAIA-Z (``cal_zero``, ``bn`` hooks: every BatchNorm2d of the network, ``get_bn_hooks``, for every
     architecture): one backward pass of the largest logit, L = max_k f(x)_k (dL/dz = e_argmax). For each channel
     c of each BatchNorm output, ρ_c = the fraction of its gradient entries that are not exactly zero (zeros come
@@ -145,13 +141,9 @@ class GaiaZ(Detector):
     paper = GAIA_PAPER
     formula = "mean_c ρ_c², ρ_c = fraction of non-zero entries of ∂max_k f_k/∂a_c at every BatchNorm output a"
     rows = "max_logit"
-    norm = None  # a mean of squared fractions, not a norm
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         return F.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype).unsqueeze(0)
-
-    def requests(self, last_layer: str) -> tuple:
-        return ()
 
     def activations(self, model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
         return (("nonzero", batchnorms(model)),)

@@ -7,7 +7,7 @@ from torch import nn
 from models.resnet import CifarResNet, ResNet18
 from models.wrn import WideResNet
 from utils.detectors.base import (
-    Detector,
+    ActivationDetector,
     Scores,
 )
 from utils.detectors.gaia import head_module
@@ -57,7 +57,7 @@ def _nac_state(attribution: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 
-class NacUE(Detector):
+class NacUE(ActivationDetector):
     """NAC-UE: L = KL(uniform ‖ softmax) up to a constant, Σ_k −(1/K) log softmax(f(x))_k (the official
     ``kl_grad``), dL/dz = softmax(z) − 1/K. For each neuron (channel) c of each layer (``nac_layers``), its state
     s_c = sigmoid(α · (Σ_s a_cs) · (Σ_s ∂L/∂a_cs)): the activation and its gradient each *summed* over the
@@ -72,15 +72,11 @@ class NacUE(Detector):
     paper = NAC_PAPER
     formula = "mean_l mean_c coverage_lc(bin of sigmoid(α·Σ_s a_c·Σ_s ∂KL(u‖p)/∂a_c)), fit on ID training images"
     rows = "kl_uniform"
-    norm = None  # a coverage, not a norm
     sign = +1
     fits_on_training = True
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits.softmax(1) - 1 / logits.shape[1]).unsqueeze(0)
-
-    def requests(self, last_layer: str) -> tuple:
-        return ()
 
     def activations(self, model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
         return (("pooled_product", nac_layers(model)),)
