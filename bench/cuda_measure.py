@@ -11,8 +11,17 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
-from torch.func import functional_call, vjp, vmap
-from track_bench import NUM_CLASSES, ceiling, engine, images, loop, make_model, throughput
+from track_bench import (
+    NUM_CLASSES,
+    ceiling,
+    engine,
+    images,
+    loop,
+    make_model,
+    throughput,
+    vmap_difference,
+    vmap_scores,
+)
 
 import models
 import train_energy
@@ -90,32 +99,6 @@ def exactness(device: torch.device, sizes: Sizes) -> list[dict]:
 
 
 # 2. tracking speed
-
-def vmap_scores(model: nn.Module, x: torch.Tensor, detector: Detector) -> Scores:
-    """The detector's values by ``torch.func``: per image (``vmap``), a vector-Jacobian product of the tracked
-    weights for each of the detector's rows (``vmap`` of the pull-back), then each per-sample gradient's norm."""
-    tracked = {name: p.detach() for name, p in models.tracked_parameters(model).items()}
-    fixed = {**{name: p.detach() for name, p in model.named_parameters() if name not in tracked},
-             **dict(model.named_buffers())}
-    requests = detector.requests(list(tracked)[-1])
-
-    def one_image(image: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-        logits, pullback = vjp(lambda weights: functional_call(model, {**fixed, **weights}, (image[None],)), tracked)
-        (grads,) = vmap(pullback)(detector.output_gradients(logits))  # each weight's gradient for every row
-        norms = [{name: torch.linalg.vector_norm(grads[name].flatten(1), p, 1) for name in layers or tracked}
-                 for p, layers in requests]
-        return logits[0], norms
-
-    logits, norms = vmap(one_image)(x)
-    return detector.reduce([{name: v.T for name, v in request.items()} for request in norms], logits)
-
-
-def vmap_difference(model: nn.Module, x: torch.Tensor, detector: Detector) -> float:
-    """The largest relative difference of vmap's totals from the engine's: the two compute the same values."""
-    _, scores = gradient_scores(model, x, [detector])
-    expected = scores[detector.name].total
-    return ((vmap_scores(model, x, detector).total - expected).abs() / expected).max().item()
-
 
 def unless_out_of_memory(measure: Callable[[], T]) -> T | None:
     """``measure()``, or None if it ran out of GPU memory."""

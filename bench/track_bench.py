@@ -5,7 +5,13 @@
 * engine:  ``utils.detectors.gradient_scores`` on batches of ``--batch-size`` rows (K rows an image for
            min/max/exgrad, one for pred/gradnorm/original; ``all``: each distinct set of rows once);
 * ceiling: a plain batched forward + backward of the same rows (each image repeated once per row), with the
-           usual summed weight gradients: what one training step on that work costs.
+           usual summed weight gradients: what one training step on that work costs;
+* vmap:    ``torch.func``'s ``vmap`` over per-sample vector-Jacobian products of the tracked weights (the way
+           pytorch-ood takes per-sample gradients), at its best batch, on the same images, with the largest
+           relative difference of its values from the engine's (for a single weight-gradient detector).
+
+``--sweep`` also times the engine at 32 to 256 images a batch: a larger ``--batch-size`` should never be slower
+per image.
 
 With ``--score all`` it also times the detectors' separate engine runs, one after the other, against the one
 shared pass. For ``odin`` the loop is the official path (a batch of one, ``backward()`` to the normalised input,
@@ -23,6 +29,7 @@ images (fresh processes; RSS on the CPU, allocated memory on CUDA), which ``--ba
 the number of images.
 
     python bench/track_bench.py --arch resnet20 --score min
+    python bench/track_bench.py --arch wrn40_2 --score original --n 256 --sweep
     python bench/track_bench.py --arch resnet20 --score all
     python bench/track_bench.py --arch wrn40_2 --score original --n 32 --memory
     python bench/track_bench.py --arch resnet18 --score gradnorm --layers last --n 2000
@@ -39,14 +46,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, vjp, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from utils.detectors import DETECTORS, TRACK_GRADIENT_SCORES, Detector, gradient_scores, rows_per_sample  # noqa: E402
+from utils.detectors import (  # noqa: E402
+    DETECTORS,
+    TRACK_GRADIENT_SCORES,
+    Detector,
+    Scores,
+    gradient_scores,
+    rows_per_sample,
+)
 from utils.per_sample import tf32_mode  # noqa: E402
 
 NUM_CLASSES = 10
+VMAP_BATCHES = (16, 64, 256)  # images per vmap call; the best is reported
+SWEEP = (32, 64, 128, 256)  # images a batch for --sweep
 
 
 def make_model(arch: str, device: str) -> nn.Module:
@@ -84,6 +101,32 @@ def forward(model: nn.Module, x: torch.Tensor) -> None:
     """A plain batched forward pass: what ``--layers last`` is measured against (TF32 off, as in tracking)."""
     with torch.no_grad(), tf32_mode(False):
         model(x)
+
+
+def vmap_scores(model: nn.Module, x: torch.Tensor, detector: Detector) -> Scores:
+    """The detector's values by ``torch.func``: per image (``vmap``), a vector-Jacobian product of the tracked
+    weights for each of the detector's rows (``vmap`` of the pull-back), then each per-sample gradient's norm."""
+    tracked = {name: p.detach() for name, p in models.tracked_parameters(model).items()}
+    fixed = {**{name: p.detach() for name, p in model.named_parameters() if name not in tracked},
+             **dict(model.named_buffers())}
+    requests = detector.requests(list(tracked)[-1])
+
+    def one_image(image: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        logits, pullback = vjp(lambda weights: functional_call(model, {**fixed, **weights}, (image[None],)), tracked)
+        (grads,) = vmap(pullback)(detector.output_gradients(logits))  # each weight's gradient for every row
+        norms = [{name: torch.linalg.vector_norm(grads[name].flatten(1), p, 1) for name in layers or tracked}
+                 for p, layers in requests]
+        return logits[0], norms
+
+    logits, norms = vmap(one_image)(x)
+    return detector.reduce([{name: v.T for name, v in request.items()} for request in norms], logits)
+
+
+def vmap_difference(model: nn.Module, x: torch.Tensor, detector: Detector) -> float:
+    """The largest relative difference of vmap's totals from the engine's: the two compute the same values."""
+    _, scores = gradient_scores(model, x, [detector])
+    expected = scores[detector.name].total
+    return ((vmap_scores(model, x, detector).total - expected).abs() / expected).max().item()
 
 
 def official_gradnorm_loop(model: nn.Module, x: torch.Tensor, temperature: float = 1.0) -> list[float]:
@@ -173,6 +216,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak memory over 500 and 2,000 images")
     parser.add_argument("--layers", choices=("all", "last"), default="all",
                         help="last: time --layers last against a forward pass and the GradNorm loops")
+    parser.add_argument("--sweep", action="store_true",
+                        help=f"also time the engine at {', '.join(map(str, SWEEP))} images a batch")
     args = parser.parse_args()
     detectors = chosen(args.score)
     if args.layers == "last":
@@ -197,6 +242,18 @@ def main() -> None:
     print(f"engine   {engine_rate:8.1f} images/s   {engine_rate / loop_rate:.2f}x the loop")
     print(f"ceiling  {ceiling_rate:8.1f} images/s   engine at {engine_rate / ceiling_rate:.2f} of it "
           f"(forward + backward of {per_batch * rows} rows a batch)")
+    if len(detectors) == 1 and detectors[0].has_weight_gradients:  # torch.func over the same images
+        (detector,) = detectors
+        vmap_rate = max(throughput(lambda b: vmap_scores(model, b, detector), x, batch, args.device)
+                        for batch in VMAP_BATCHES if batch <= len(x))
+        print(f"vmap     {vmap_rate:8.1f} images/s   engine at {engine_rate / vmap_rate:.2f}x it (vmap at its best "
+              f"batch of {', '.join(map(str, VMAP_BATCHES))}; largest relative difference of its totals from the "
+              f"engine's: {vmap_difference(model, x[:8], detector):.1e})")
+    if args.sweep:
+        for images_per_batch in SWEEP:
+            rate = throughput(lambda b: engine(model, b, detectors), x, images_per_batch, args.device)
+            print(f"engine at {images_per_batch:4d} images a batch ({images_per_batch * rows:5d} rows): "
+                  f"{rate:8.1f} images/s")
     if len(detectors) > 1:
         seconds = sum(1 / throughput(lambda b, d=d: engine(model, b, [d]), x, per_batch_of(d, args.batch_size),
                                      args.device) for d in detectors)  # per image, the detectors one after another

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
+from utils import per_sample
 from utils.detectors import DETECTORS, cross_entropy_rows, gradient_scores
 from utils.per_sample import norm_rule, reference_norms, tf32_settings, tracked_layers, weight_gradient_norms
 
@@ -154,6 +155,40 @@ def test_any_stride_padding_dilation_and_shape_matches_the_loop(p):
     x = torch.rand(NUM_IMAGES, 3, 11, 9, dtype=torch.float64)
     reference, _ = plain_loop(model, x, p)
     assert relative_error(engine(model, x, p)[0], reference) < 1e-10
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_a_batch_cut_into_chunks_of_samples_gives_the_same_norms(monkeypatch, p):
+    """The rules work on chunks of samples of at most ``RULE_CHUNK_ELEMENTS`` gradient elements (so that a large
+    batch stays in cache): one sample a chunk gives what the whole batch does."""
+    model = calibrated_model("resnet20", torch.float64)
+    x = torch.rand(NUM_IMAGES, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    whole, _ = engine(model, x, p)
+    monkeypatch.setattr(per_sample, "RULE_CHUNK_ELEMENTS", 1)
+    chunked, _ = engine(model, x, p)
+    assert relative_error(chunked, whole) < 1e-12
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_every_convolution_path_gives_the_same_norms(p):
+    """The Conv2d rule's paths — the Gram identity, one grouped convolution, shifted slices, the patch matrix — on
+    odd shapes (dilation, asymmetric padding and kernels, stride, R = 2 rows): which one it takes is a matter of
+    speed only."""
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(3, 4, 3, padding=(1, 2), dilation=(2, 1)), nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=1),
+                 nn.Conv2d(5, 3, 1)):
+        conv = conv.double()
+        x = torch.rand(3, conv.in_channels, 11, 9, dtype=torch.float64)
+        grads = torch.randn(2, *conv(x).shape, dtype=torch.float64)  # (R, B, O, H', W')
+        patches = per_sample._patches(conv, x)
+        explicit = per_sample._explicit(grads.flatten(3), patches, p)
+        paths = {"grouped": per_sample._grouped(conv, x, grads, p)}
+        if conv.stride == (1, 1):
+            paths["shifted"] = per_sample._shifted(conv, x, grads, p)
+        if p == 2:
+            paths["gram"] = per_sample._gram(grads.flatten(3), patches)
+        for name, values in paths.items():
+            assert relative_error(values, explicit) < 1e-12, (conv, name)
 
 
 @pytest.mark.parametrize("p", [1, 2])
