@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
+from utils.activation_rules import FEATURES  # noqa: E402
 from utils.detectors import DETECTORS, gradient_scores, nac_layers  # noqa: E402
-from utils.per_sample import FEATURES  # noqa: E402
 
 
 def best_time(run: Callable[[], object], repeats: int, device: torch.device) -> float:

@@ -18,11 +18,11 @@ from tests.test_detectors import as_rows, assert_matches
 from tests.test_per_sample import calibrated_model
 from tests.test_track_gradient import load, make_checkpoint, roots  # noqa: F401  (the roots fixture)
 from tests.test_track_gradient import run as run_tracking
+from utils.activation_rules import FEATURES
 from utils.coverage import coverage_scores, fit_record, nac_states, score_record, thresholds
 from utils.detectors import DETECTORS, NAC_HYPER, batchnorms, gaia_a_targets, gradient_scores, nac_layers
 from utils.gradients import save_gradients
 from utils.metrics import ood_metrics
-from utils.per_sample import FEATURES
 from utils.tables import detection_score
 
 pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from utils import per_sample
+from utils import norm_rules
 from utils.detectors import DETECTORS, cross_entropy_rows, gradient_scores
-from utils.per_sample import norm_rule, reference_norms, tf32_settings, tracked_layers, weight_gradient_norms
+from utils.norm_rules import norm_rule
+from utils.per_sample import reference_norms, tf32_settings, tracked_layers, weight_gradient_norms
 
 # torch.backends.mkldnn.flags() warns about a TF32 setting that concerns only Intel GPUs
 pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
@@ -164,7 +165,7 @@ def test_a_batch_cut_into_chunks_of_samples_gives_the_same_norms(monkeypatch, p)
     model = calibrated_model("resnet20", torch.float64)
     x = torch.rand(NUM_IMAGES, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     whole, _ = engine(model, x, p)
-    monkeypatch.setattr(per_sample, "RULE_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(norm_rules, "RULE_CHUNK_ELEMENTS", 1)
     chunked, _ = engine(model, x, p)
     assert relative_error(chunked, whole) < 1e-12
 
@@ -180,13 +181,13 @@ def test_every_convolution_path_gives_the_same_norms(p):
         conv = conv.double()
         x = torch.rand(3, conv.in_channels, 11, 9, dtype=torch.float64)
         grads = torch.randn(2, *conv(x).shape, dtype=torch.float64)  # (R, B, O, H', W')
-        patches = per_sample._patches(conv, x)
-        explicit = per_sample._explicit(grads.flatten(3), patches, p)
-        paths = {"grouped": per_sample._grouped(conv, x, grads, p)}
+        patches = norm_rules._patches(conv, x)
+        explicit = norm_rules._explicit(grads.flatten(3), patches, p)
+        paths = {"grouped": norm_rules._grouped(conv, x, grads, p)}
         if conv.stride == (1, 1):
-            paths["shifted"] = per_sample._shifted(conv, x, grads, p)
+            paths["shifted"] = norm_rules._shifted(conv, x, grads, p)
         if p == 2:
-            paths["gram"] = per_sample._gram(grads.flatten(3), patches)
+            paths["gram"] = norm_rules._gram(grads.flatten(3), patches)
         for name, values in paths.items():
             assert relative_error(values, explicit) < 1e-12, (conv, name)
 
@@ -233,8 +234,7 @@ def test_a_new_layer_type_is_one_registered_rule():
         reference, _ = plain_loop(model, x, 2)
         assert relative_error(engine(model, x, 2)[0].pow(2), reference.pow(2)) < 1e-10
     finally:
-        from utils import per_sample
-        del per_sample._RULES[Scaled]
+        del norm_rules.RULES[Scaled]
 
 
 MATMUL, CUDNN = torch.backends.cuda.matmul, torch.backends.cudnn

@@ -15,7 +15,7 @@ the weight gradient dL/dW of each tracked layer. Each unit states:
   layer, written as the paper's code does it. The tests hold the batched version to it in float64.
 
 Detectors of activation gradients (GAIA) name instead, in ``activations(model)``, the module outputs whose
-gradients they need and the per-channel rule that reduces them (``utils.per_sample.activation_rule``); the
+gradients they need and the per-channel rule that reduces them (``utils.activation_rules.activation_rule``); the
 engine serves them from the same forward and backward pass. A row group may seed the features as well as the
 logits (``feature_gradients``).
 

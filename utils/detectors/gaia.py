@@ -7,11 +7,12 @@ from torch import nn
 
 from models.resnet import CifarResNet, ResNet18
 from models.wrn import WideResNet
+from utils.activation_rules import FEATURES
 from utils.detectors.base import (
     ActivationDetector,
     Scores,
 )
-from utils.per_sample import FEATURES, tracked_layers
+from utils.per_sample import tracked_layers
 
 # GAIA (Chen et al., NeurIPS 2023): gradients at BatchNorm outputs rather than weights. Official code:
 # JGEthanChen/GAIA-OOD, cal_method.py (cal_grad_value, cal_zero) and hook.py (get_beforehead_hooks, get_bn_hooks).

@@ -6,12 +6,12 @@ from torch import nn
 
 from models.resnet import CifarResNet, ResNet18
 from models.wrn import WideResNet
+from utils.activation_rules import FEATURES
 from utils.detectors.base import (
     ActivationDetector,
     Scores,
 )
 from utils.detectors.gaia import head_module
-from utils.per_sample import FEATURES
 
 # NAC-UE (Liu et al., ICLR 2024): neuron states from activation ⊙ gradient, scored by their coverage of the ID
 # training states. Official code: BierOne/ood_coverage, openood/postprocessors/nac (coverage.py KMNC/Estimator,
