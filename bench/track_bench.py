@@ -205,6 +205,15 @@ def chosen(score: str) -> list[Detector]:
     return [DETECTORS[name] for name in (TRACK_GRADIENT_SCORES if score == "all" else [score])]
 
 
+def vmap_report(model: nn.Module, x: torch.Tensor, detector: Detector, engine_rate: float, device: str) -> None:
+    """torch.func's vmap on the same images, at its best batch, and how far its values are from the engine's."""
+    vmap_rate = max(throughput(lambda b: vmap_scores(model, b, detector), x, batch, device)
+                    for batch in VMAP_BATCHES if batch <= len(x))
+    print(f"vmap     {vmap_rate:8.1f} images/s   engine at {engine_rate / vmap_rate:.2f}x it (vmap at its best "
+          f"batch of {', '.join(map(str, VMAP_BATCHES))}; largest relative difference of its totals from the "
+          f"engine's: {vmap_difference(model, x[:8], detector):.1e})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet20", choices=models.ARCHS)
@@ -242,13 +251,8 @@ def main() -> None:
     print(f"engine   {engine_rate:8.1f} images/s   {engine_rate / loop_rate:.2f}x the loop")
     print(f"ceiling  {ceiling_rate:8.1f} images/s   engine at {engine_rate / ceiling_rate:.2f} of it "
           f"(forward + backward of {per_batch * rows} rows a batch)")
-    if len(detectors) == 1 and detectors[0].has_weight_gradients:  # torch.func over the same images
-        (detector,) = detectors
-        vmap_rate = max(throughput(lambda b: vmap_scores(model, b, detector), x, batch, args.device)
-                        for batch in VMAP_BATCHES if batch <= len(x))
-        print(f"vmap     {vmap_rate:8.1f} images/s   engine at {engine_rate / vmap_rate:.2f}x it (vmap at its best "
-              f"batch of {', '.join(map(str, VMAP_BATCHES))}; largest relative difference of its totals from the "
-              f"engine's: {vmap_difference(model, x[:8], detector):.1e})")
+    if len(detectors) == 1 and detectors[0].has_weight_gradients:
+        vmap_report(model, x, detectors[0], engine_rate, args.device)
     if args.sweep:
         for images_per_batch in SWEEP:
             rate = throughput(lambda b: engine(model, b, detectors), x, images_per_batch, args.device)
