@@ -208,7 +208,7 @@ def chosen(score: str) -> list[Detector]:
 def vmap_report(model: nn.Module, x: torch.Tensor, detector: Detector, engine_rate: float, device: str) -> None:
     """torch.func's vmap on the same images, at its best batch, and how far its values are from the engine's."""
     vmap_rate = max(throughput(lambda b: vmap_scores(model, b, detector), x, batch, device)
-                    for batch in VMAP_BATCHES if batch <= len(x))
+                    for batch in sorted({min(batch, len(x)) for batch in VMAP_BATCHES}))
     print(f"vmap     {vmap_rate:8.1f} images/s   engine at {engine_rate / vmap_rate:.2f}x it (vmap at its best "
           f"batch of {', '.join(map(str, VMAP_BATCHES))}; largest relative difference of its totals from the "
           f"engine's: {vmap_difference(model, x[:8], detector):.1e})")
