@@ -76,7 +76,6 @@ QUICK = Sizes(archs=("resnet20",), exact_images=4, loop_images=2, timed_images=8
               vmap_images=4, vmap_batches=(4,), step_batch=(16, 32), steps=2, limit=32, tracked=16)
 
 
-
 # the report
 
 def environment(device: torch.device) -> dict:

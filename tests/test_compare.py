@@ -257,7 +257,6 @@ def test_ood_positive_fpr95_is_openoods_operating_point():
     assert fpr95_ood_positive([5, 6, 7], [1, 2]) == 0
 
 
-
 def test_compare_adds_the_combined_row_of_each_detector_with_a_training_file(roots, capsys):
     run(roots, "--compare")
     table = json.loads((roots[1] / "CIFAR-10" / "resnet" / "compare" / "comparison.json").read_text())

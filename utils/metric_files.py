@@ -24,7 +24,6 @@ def track_command(args: argparse.Namespace, dataset: str) -> str:
     return command
 
 
-
 def load_record(path: Path, args: argparse.Namespace, dataset: str) -> dict:
     """Load a gradients file and check that it is the one asked for (model, in-dataset, method, score, set)."""
     if not path.is_file():
@@ -46,7 +45,6 @@ def load_record(path: Path, args: argparse.Namespace, dataset: str) -> dict:
     return record
 
 
-
 def check_same_model(id_record: dict, id_path: Path, ood_record: dict, ood_path: Path,
                      same_layers: bool = True) -> None:
     """ID and OOD files must come from the same checkpoint and (``same_layers``: files of one detector) track the
@@ -66,7 +64,6 @@ def check_same_model(id_record: dict, id_path: Path, ood_record: dict, ood_path:
         raise GradientFileError(f"{id_path} and {ood_path} track different layers ({detail})")
 
 
-
 def ood_datasets(args: argparse.Namespace, folder: Path) -> list[str]:
     """``--dataset``, or for ``all`` every OOD set tracked in ``folder``, in alphabetical order."""
     if args.dataset != "all":
@@ -77,10 +74,8 @@ def ood_datasets(args: argparse.Namespace, folder: Path) -> list[str]:
     return names
 
 
-
 def last_layer(args: argparse.Namespace) -> bool:
     return args.layers == "last"
-
 
 
 def load_records(args: argparse.Namespace, datasets: list[str]) -> tuple[Path, dict, dict[str, dict]]:
@@ -94,7 +89,6 @@ def load_records(args: argparse.Namespace, datasets: list[str]) -> tuple[Path, d
         ood_records[dataset] = load_record(path, args, dataset)
         check_same_model(id_record, id_path, ood_records[dataset], path)
     return id_path, id_record, ood_records
-
 
 
 def training_record(args: argparse.Namespace, id_record: dict, id_path: Path) -> dict | None:

@@ -17,7 +17,6 @@ OOD_POSITIVE_FPR = "FPR95_OOD_POS"  # OpenOOD's and OE's FPR95, OOD the positive
 PROTOCOLS = ("full", "energy_ood")  # every OOD sample once; energy_ood's and OE's 10 draws of a fifth
 
 
-
 def _scores_and_labels(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
     id_scores = np.asarray(id_scores, dtype=np.float64).ravel()
     ood_scores = np.asarray(ood_scores, dtype=np.float64).ravel()
@@ -30,12 +29,10 @@ def _scores_and_labels(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
     return scores, labels
 
 
-
 def roc(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FPR, TPR, thresholds) at every distinct threshold, ID positive, thresholds decreasing."""
     scores, labels = _scores_and_labels(id_scores, ood_scores)
     return roc_curve(labels, scores, drop_intermediate=False)
-
 
 
 def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> tuple[float, float]:
@@ -43,7 +40,6 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> tuple[float, float]:
     fprs, tprs, thresholds = roc(id_scores, ood_scores)
     i = int(np.argmax(tprs >= tpr))  # TPR rises as the threshold falls: the first hit is the highest threshold
     return float(fprs[i]), float(thresholds[i])
-
 
 
 def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
@@ -73,12 +69,10 @@ def ood_metrics(id_scores, ood_scores) -> dict[str, float]:
             "AUPR_OUT": float(average_precision_score(1 - labels, -scores))}
 
 
-
 def fpr95_ood_positive(id_scores, ood_scores) -> float:
     """FPR95 with **OOD as the positive class** (OpenOOD's and Outlier Exposure's convention): the fraction of
     ID samples flagged as OOD at the highest threshold on the negated score that detects ≥ 95% of OOD."""
     return fpr_at_tpr(-np.asarray(ood_scores, np.float64), -np.asarray(id_scores, np.float64))[0]
-
 
 
 @dataclass(frozen=True)
@@ -160,7 +154,6 @@ class Protocol:
             lines += ("FPR95 (OOD+): OOD positive, as OpenOOD and OE: the fraction of ID flagged as OOD when 95% "
                       "of OOD is detected.",)
         return lines
-
 
 
 FULL = Protocol()

@@ -42,6 +42,11 @@ def tracked_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
+def head_module(model: nn.Module) -> nn.Module:
+    """The module of the last tracked weight: the head, whose input is the pooled (penultimate) features."""
+    return list(tracked_layers(model).values())[-1]
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run the block with every module of ``model`` in eval mode (BatchNorm uses and never updates its

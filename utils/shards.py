@@ -23,7 +23,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-
 @dataclass(frozen=True)
 class Part:
     """Samples [start, stop) of the first ``num_samples`` of a data set: all of them, or shard ``index``
@@ -52,7 +51,6 @@ class Part:
     def describe(self) -> dict:
         return {"index": self.index, "count": self.count, "start": self.start, "stop": self.stop,
                 "of": self.num_samples, "images_per_batch": self.images_per_batch}
-
 
 
 def merge(part: Part, final: Path) -> bool:

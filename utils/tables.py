@@ -41,7 +41,6 @@ FEATURE_CONVENTION = ("Mahalanobis (tied covariance, class means) and KNN (k-th 
                       "penultimate features, fit on ID training images only (--dataset train).")
 
 
-
 def metric_cell(row: dict, metric: str) -> str:
     """A metric as printed: ``12.34``, or `` 12.34 ±  0.56`` where it is a mean over draws (padded, so that a
     right-aligned column lines up on the ±)."""
@@ -49,11 +48,9 @@ def metric_cell(row: dict, metric: str) -> str:
     return f"{row[metric]:.2f}" if std is None else f"{row[metric]:6.2f} ± {std:5.2f}"
 
 
-
 def metric_columns(protocol: Protocol) -> list[str]:
     """The CSV columns of the metrics: each one, then its std over draws where there are draws."""
     return [*protocol.metrics, *([f"{m}_std" for m in protocol.metrics] if protocol.drawn else [])]
-
 
 
 def detector_of(saved_form: str, score: str | None) -> Detector:
@@ -67,12 +64,10 @@ def detector_of(saved_form: str, score: str | None) -> Detector:
                      f"known: {', '.join(f'norm_single/{s}' for s in TRACK_GRADIENT_SCORES)}, original_single")
 
 
-
 def score_sign(saved_form: str, score: str | None, flip: bool = False) -> int:
     """+1 or −1: the factor that turns a gradient norm into a detection score (higher = ID)."""
     sign = detector_of(saved_form, score).sign
     return -sign if flip else sign
-
 
 
 def detection_score(values, saved_form: str, score: str | None, flip: bool = False) -> np.ndarray:
@@ -85,23 +80,19 @@ def detection_score(values, saved_form: str, score: str | None, flip: bool = Fal
     return score_sign(saved_form, score, flip) * np.asarray(values, dtype=np.float64)
 
 
-
 def gradient_rows(record: dict) -> dict[str, np.ndarray]:
     """The gradient-norm arrays of a gradients record: every tracked layer in model order, ``total``, then the
     detector's extra rows (ExGrad's paper form)."""
     return {**record["layers"], "total": record["total"], **record.get("extra", {})}
 
 
-
 def _row_kind(record: dict, name: str) -> str:
     return "total" if name == "total" else "layer" if name in record["layers"] else "extra"
-
 
 
 def baseline_scores(record: dict) -> dict[str, np.ndarray]:
     """MSP (higher = ID) and the negated energy −E(x) = logsumexp f(x) of a gradients record."""
     return {row: sign * np.asarray(record[key], dtype=np.float64) for row, (key, sign) in BASELINES.items()}
-
 
 
 def _row(name: str, kind: str, score: str, id_values, ood_values, sign: int, protocol: Protocol,
@@ -111,7 +102,6 @@ def _row(name: str, kind: str, score: str, id_values, ood_values, sign: int, pro
     return {"row": name, "kind": kind, "score": score, **metrics,
             "id_mean": float(id_values.mean()), "id_std": float(id_values.std()),
             "ood_mean": float(ood_values.mean()), "ood_std": float(ood_values.std())}
-
 
 
 def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: str | None,
@@ -153,12 +143,10 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
             "rows": rows}
 
 
-
 def table_protocol(table: dict) -> Protocol:
     """The protocol a table was made with (tables without one: ``full``)."""
     described = table.get("protocol", {})
     return Protocol(**{k: described[k] for k in ("name", "seed", "draws", "ood_positive") if k in described})
-
 
 
 def _average_metrics(per_set: Sequence[dict], metrics: Sequence[str]) -> dict:
@@ -170,7 +158,6 @@ def _average_metrics(per_set: Sequence[dict], metrics: Sequence[str]) -> dict:
     return {**{m: float(v.mean()) for m, v in averages.items()},
             **{f"{m}_std": float(v.std()) for m, v in averages.items()},
             "draws": {m: v.tolist() for m, v in averages.items()}}
-
 
 
 def average_table(tables: list[dict]) -> dict:
@@ -191,12 +178,10 @@ def average_table(tables: list[dict]) -> dict:
             "protocol": {k: v for k, v in tables[0].get("protocol", {}).items() if k != "ood_per_draw"}, "rows": rows}
 
 
-
 def best_and_worst_layers(table: dict) -> tuple[str, str]:
     """The tracked layers with the highest and the lowest AUROC."""
     layers = sorted((r for r in table["rows"] if r["kind"] == "layer"), key=lambda r: r["AUROC"])
     return layers[-1]["row"], layers[0]["row"]
-
 
 
 def format_table(table: dict) -> str:
@@ -245,13 +230,11 @@ def format_table(table: dict) -> str:
     return "\n".join([*header, "", *body, footer])
 
 
-
 def write_table(table: dict, stem: str | Path) -> list[Path]:
     """Write ``<stem>.json`` (the whole table) and ``<stem>.csv`` (one line a row) atomically; return the paths."""
     columns = ["ood_dataset", "row", "kind", "score", *metric_columns(table_protocol(table)), *RAW_STATISTICS]
     return write_json_and_csv(table, ({**row, "ood_dataset": table["ood_dataset"]} for row in table["rows"]),
                               columns, stem)
-
 
 
 def write_json_and_csv(table: dict, csv_rows: Iterable[dict], columns: Sequence[str], stem: str | Path) -> list[Path]:

@@ -44,6 +44,7 @@ from utils.gradients import (
     new_record,
     save_gradients,
 )
+from utils.per_sample import head_module
 from utils.runtime import get_device, loader_workers, progress
 from utils.shards import Part, merge, parse_shard
 
@@ -113,29 +114,30 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
 
     bar = progress(total=part.stop - part.start, unit="img", dynamic_ncols=True,
                    desc=f"{dataset_name} ({', '.join(d.name for d in detectors)})")
-    penultimate: list[torch.Tensor] = []  # the last Linear layer's inputs, one batch's forward passes
-    last_linear = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
-    hook = last_linear.register_forward_hook(lambda module, args, output: penultimate.append(args[0].detach()))
-    for images, labels in loader:
-        penultimate.clear()
-        logits, scores = gradient_scores(model, images.to(device, non_blocking=True), detectors)
-        add(f"features/{PENULTIMATE}", penultimate[0].flatten(1).float())  # the first: the images as they are
-        for name, out in scores.items():
-            for layer, values in out.layers.items():
-                add(f"{name}/layers/{layer}", values.float())
-            for row, values in out.extra.items():
-                add(f"{name}/extra/{row}", values.float())
-            for vector, values in out.features.items():
-                add(f"{name}/features/{vector}", values.float())
-            add(f"{name}/total", out.total.float())
-            add(f"{name}/class", out.chosen)
-        add("pred", logits.argmax(1))
-        add("label", labels)
-        add("msp", logits.softmax(1).amax(1).float())
-        add("energy", energy_score(logits).float())
-        bar.update(len(images))
-    bar.close()
-    hook.remove()
+    penultimate: list[torch.Tensor] = []  # the head's inputs, one batch's forward passes
+    hook = head_module(model).register_forward_hook(lambda module, args, output: penultimate.append(args[0].detach()))
+    try:
+        for images, labels in loader:
+            penultimate.clear()
+            logits, scores = gradient_scores(model, images.to(device, non_blocking=True), detectors)
+            add(f"features/{PENULTIMATE}", penultimate[0].flatten(1).float())  # the first: the images as they are
+            for name, out in scores.items():
+                for layer, values in out.layers.items():
+                    add(f"{name}/layers/{layer}", values.float())
+                for row, values in out.extra.items():
+                    add(f"{name}/extra/{row}", values.float())
+                for vector, values in out.features.items():
+                    add(f"{name}/features/{vector}", values.float())
+                add(f"{name}/total", out.total.float())
+                add(f"{name}/class", out.chosen)
+            add("pred", logits.argmax(1))
+            add("label", labels)
+            add("msp", logits.softmax(1).amax(1).float())
+            add("energy", energy_score(logits).float())
+            bar.update(len(images))
+    finally:
+        hook.remove()
+        bar.close()
     arrays = {key: np.concatenate(chunks) for key, chunks in columns.items()}
 
     def group(prefix: str) -> dict[str, np.ndarray]:

@@ -22,7 +22,6 @@ def combined_fit(args: argparse.Namespace, train_record: dict | None) -> Gaussia
     return fit
 
 
-
 def feature_fit(args: argparse.Namespace, train_record: dict | None) -> FeatureFit | None:
     """Mahalanobis and KNN fit on the training split's penultimate features (``utils.feature_baselines``), or
     None, with a note, when that file is missing or holds no features."""
@@ -38,7 +37,6 @@ def feature_fit(args: argparse.Namespace, train_record: dict | None) -> FeatureF
     return fit
 
 
-
 def distances(fit: GaussianFit | None, id_record: dict, ood_records: dict[str, dict]
               ) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
     """The ``combined`` row's raw values for each OOD set: the ID samples' Mahalanobis distances from ``fit``
@@ -47,7 +45,6 @@ def distances(fit: GaussianFit | None, id_record: dict, ood_records: dict[str, d
         return dict.fromkeys(ood_records)
     id_distances = -combined_score(fit, id_record)
     return {dataset: (id_distances, -combined_score(fit, record)) for dataset, record in ood_records.items()}
-
 
 
 def baseline_distances(fit: FeatureFit | None, id_record: dict, ood_records: dict[str, dict]

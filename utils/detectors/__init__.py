@@ -53,13 +53,10 @@ DETECTORS: dict[str, Detector] = {d.name: d for d in (
     Predicted(), GradNorm(), ExGrad(), ODIN(), ConfoundingLabel(), GaiaA(), GaiaZ(), NacUE())}
 
 
-
 CONFOUNDING = DETECTORS["original"]
 
 
-
 TRACK_GRADIENT_SCORES = tuple(name for name, d in DETECTORS.items() if d.script == "track_gradient.py")
-
 
 
 def get_detector(name: str | None, temperature: float = 1.0, odin_temperature: float = 1000.0,
@@ -74,14 +71,12 @@ def get_detector(name: str | None, temperature: float = 1.0, odin_temperature: f
     return GradNorm(temperature) if name == "gradnorm" else DETECTORS[name]
 
 
-
 def rows_per_sample(detectors: Sequence[Detector], num_classes: int) -> int:
     """How many gradients are back-propagated per image for these detectors together (what ``--batch-size``
     counts): each distinct set of rows once; none for ``--layers last`` (then an image counts as one)."""
     logits = torch.zeros(1, num_classes)
     backward = {d.rows: d for d in detectors if not d.last_layer_only}.values()
     return max(1, sum(len(d.output_gradients(logits)) for d in backward))
-
 
 
 def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector], tf32: bool = False
@@ -103,7 +98,6 @@ def gradient_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detec
     return logits, {**scores, **{name: values for name, (_, values) in own.items()}}
 
 
-
 def _engine_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector], tf32: bool
                    ) -> tuple[torch.Tensor, dict[str, Scores]]:
     """``gradient_scores`` of the detectors served by the engine's weight-gradient norms."""
@@ -123,7 +117,6 @@ def _engine_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detect
     scores = {d.name: d.reduce([by_request[(group_of[d.rows], *request)] for request in wanted[d.name]], logits)
               for d in detectors}
     return logits, scores
-
 
 
 def last_layer_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Detector], tf32: bool = False

@@ -13,7 +13,6 @@ from models import tracked_parameters
 ALL_LAYERS = None
 
 
-
 @dataclass
 class Scores:
     """One detector's values for each sample of a batch of B."""
@@ -24,19 +23,16 @@ class Scores:
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample vectors (B, D), e.g. NAC's states
 
 
-
 def l2_norm(values: torch.Tensor, dim: int) -> torch.Tensor:
     """The L2 norm along ``dim``, scaled by the largest entry first so that tiny values do not underflow."""
     largest = values.amax(dim, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
     return largest.squeeze(dim) * (values / largest).pow(2).sum(dim).sqrt()
 
 
-
 def total_norm(layers: dict[str, torch.Tensor], p: int) -> torch.Tensor:
     """The p-norm over all tracked weights together from the per-layer p-norms (stacked on dim 0)."""
     stacked = torch.stack(list(layers.values()))
     return l2_norm(stacked, 0) if p == 2 else stacked.sum(0)
-
 
 
 def cross_entropy_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -50,18 +46,15 @@ def cross_entropy_rows(logits: torch.Tensor) -> torch.Tensor:
     return others - labels * others.sum(2, keepdim=True)
 
 
-
 def ce_losses(logits: torch.Tensor) -> list[torch.Tensor]:
     """The cross-entropy with each label k, as a loop computes it."""
     return [F.cross_entropy(logits, torch.tensor([k], device=logits.device)) for k in range(logits.shape[1])]
-
 
 
 def as_reference(model: nn.Module, norms: torch.Tensor, p: int, chosen: int) -> dict[str, float]:
     """One row of ``reference_norms`` as {layer: value, "total": value, "class": chosen}."""
     total = norms.pow(2).sum().sqrt() if p == 2 else norms.sum()
     return {**dict(zip(tracked_parameters(model), norms.tolist())), "total": total.item(), "class": chosen}
-
 
 
 class Detector:

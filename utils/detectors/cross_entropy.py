@@ -46,7 +46,6 @@ class CrossEntropy(Detector):
         return as_reference(model, norms[k], 2, k)
 
 
-
 class Predicted(Detector):
     name = "pred"
     paper = "the seed's per-class cross-entropy gradients"
@@ -65,7 +64,6 @@ class Predicted(Detector):
         label = int(model(image[None]).argmax(1))
         norms = reference_norms(model, image, lambda z: [F.cross_entropy(z, z.argmax(1))])
         return as_reference(model, norms[0], 2, label)
-
 
 
 class ExGrad(Detector):

@@ -12,7 +12,7 @@ from utils.detectors.base import (
     ActivationDetector,
     Scores,
 )
-from utils.per_sample import tracked_layers
+from utils.per_sample import head_module
 
 # GAIA (Chen et al., NeurIPS 2023): gradients at BatchNorm outputs rather than weights. Official code:
 # JGEthanChen/GAIA-OOD, cal_method.py (cal_grad_value, cal_zero) and hook.py (get_beforehead_hooks, get_bn_hooks).
@@ -20,11 +20,9 @@ GAIA_PAPER = ("Chen, Li, Qu, Wang, Wan & Xiao, GAIA: Delving into Gradient-based
               "Out-of-distribution Detection, NeurIPS 2023")
 
 
-
 def batchnorms(module: nn.Module, prefix: str = "") -> tuple[str, ...]:
     """The BatchNorm2d modules of ``module`` by name, in ``modules()`` order (the order of the official hooks)."""
     return tuple(f"{prefix}{name}" for name, m in module.named_modules() if isinstance(m, nn.BatchNorm2d))
-
 
 
 def gaia_a_targets(model: nn.Module) -> tuple[tuple[str, ...], str]:
@@ -46,17 +44,9 @@ def gaia_a_targets(model: nn.Module) -> tuple[tuple[str, ...], str]:
     raise ValueError(f"GAIA's layer choice is defined for the ResNets and WRN-40-2, not {type(model).__name__}")
 
 
-
-def head_module(model: nn.Module) -> nn.Module:
-    """The module of the last tracked weight: the head, whose input is the pooled features."""
-    return list(tracked_layers(model).values())[-1]
-
-
-
 def _spatial_mean(grad: torch.Tensor) -> torch.Tensor:
     """The official ``grad.mean(dim=(-1, -2))`` of a (B, C, H, W) gradient; a (B, C) one is already pooled."""
     return grad.mean((-1, -2)) if grad.dim() == 4 else grad
-
 
 
 def _keep_gradients(model: nn.Module, names: Sequence[str], grads: dict[str, torch.Tensor]) -> list:
@@ -70,7 +60,6 @@ def _keep_gradients(model: nn.Module, names: Sequence[str], grads: dict[str, tor
         return hook
 
     return [modules[name].register_forward_hook(keep(name)) for name in names]
-
 
 
 class GaiaA(ActivationDetector):
@@ -129,7 +118,6 @@ class GaiaA(ActivationDetector):
                 handle.remove()
         return {**{name: part.mean().item() for name, part in zip(inner, parts)},
                 "total": torch.cat(parts, 1).mean().item(), "class": -1}
-
 
 
 class GaiaZ(ActivationDetector):

@@ -11,7 +11,7 @@ from utils.detectors.base import (
     ActivationDetector,
     Scores,
 )
-from utils.detectors.gaia import head_module
+from utils.per_sample import head_module
 
 # NAC-UE (Liu et al., ICLR 2024): neuron states from activation ⊙ gradient, scored by their coverage of the ID
 # training states. Official code: BierOne/ood_coverage, openood/postprocessors/nac (coverage.py KMNC/Estimator,
@@ -20,12 +20,10 @@ NAC_PAPER = ("Liu, Tian, Li, Ma & Wang, Neuron Activation Coverage: Rethinking O
              "Generalization, ICLR 2024")
 
 
-
 # The official ResNet-18 hyper-parameters of each layer, from the head down (avgpool, layer3, layer2, layer1):
 # the sigmoid's steepness α, the histogram's bins M and the count O at which a bin is fully covered.
 NAC_HYPER = {10: ((100, 50, 50), (1000, 500, 100), (0.001, 50, 5), (0.001, 500, 100)),   # nac_cifar10.yml
              100: ((50, 50, 50), (10, 1000, 500), (1, 50, 500), (0.005, 50, 5))}         # nac_cifar100.yml
-
 
 
 def nac_layers(model: nn.Module) -> tuple[str, ...]:
@@ -42,7 +40,6 @@ def nac_layers(model: nn.Module) -> tuple[str, ...]:
     raise ValueError(f"NAC-UE's layer choice is defined for the ResNets and WRN-40-2, not {type(model).__name__}")
 
 
-
 def nac_hyper(num_classes: int, num_layers: int) -> tuple[tuple[float, int, int], ...]:
     """(α, M, O) of each of NAC-UE's layers, from the head down: the official CIFAR-100 values for a 100-class
     model, the CIFAR-10 ones otherwise (our choice; there are none for other data sets). ResNet-20 and WRN-40-2
@@ -50,11 +47,9 @@ def nac_hyper(num_classes: int, num_layers: int) -> tuple[tuple[float, int, int]
     return NAC_HYPER[100 if num_classes == 100 else 10][:num_layers]
 
 
-
 def _nac_state(attribution: torch.Tensor, alpha: float) -> torch.Tensor:
     """The official ``sigmoid(o*g_kl)`` state, 1 / (1 + exp(−α·x)), of x = (pooled activation)·(pooled gradient)."""
     return 1 / (1 + torch.exp(-alpha * attribution))
-
 
 
 class NacUE(ActivationDetector):

@@ -86,7 +86,6 @@ class ODIN(Detector):
         return {self.row: score, "total": score, "class": int(label)}
 
 
-
 @contextmanager
 def _normalised_inputs(model: nn.Module) -> Iterator[nn.Module]:
     """Run the block with the model's input normalisation switched off: it takes normalised images, as the
