@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from utils.activation_rules import FEATURES  # noqa: E402
 from utils.detectors import DETECTORS, gradient_scores, nac_layers  # noqa: E402
+from utils.runtime import keep_freed_memory  # noqa: E402
 
 
 def best_time(run: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -60,6 +61,7 @@ def official_nac(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the scripts do (utils.runtime.run_script)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet20", choices=models.ARCHS)
     parser.add_argument("--n", type=int, default=32, help="images in the batch")

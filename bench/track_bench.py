@@ -60,6 +60,7 @@ from utils.detectors import (  # noqa: E402
     rows_per_sample,
 )
 from utils.per_sample import tf32_mode  # noqa: E402
+from utils.runtime import keep_freed_memory  # noqa: E402
 
 NUM_CLASSES = 10
 VMAP_BATCHES = (16, 64, 256)  # images per vmap call; the best is reported
@@ -215,6 +216,7 @@ def vmap_report(model: nn.Module, x: torch.Tensor, detector: Detector, engine_ra
 
 
 def main() -> None:
+    keep_freed_memory()  # as the scripts do (utils.runtime.run_script)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet20", choices=models.ARCHS)
     parser.add_argument("--score", default="min", choices=(*DETECTORS, "all"),
