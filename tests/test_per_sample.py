@@ -172,22 +172,20 @@ def test_a_batch_cut_into_chunks_of_samples_gives_the_same_norms(monkeypatch, p)
 
 @pytest.mark.parametrize("p", [1, 2])
 def test_every_convolution_path_gives_the_same_norms(p):
-    """The Conv2d rule's paths — the Gram identity, one grouped convolution, shifted slices, the patch matrix — on
-    odd shapes (dilation, asymmetric padding and kernels, stride, R = 2 rows): which one it takes is a matter of
-    speed only."""
+    """The Conv2d rule's paths — the Gram identity over the patches or over the padded input, one grouped
+    convolution, the patch matrix — on odd shapes (dilation, asymmetric padding and kernels, stride, R = 2 rows):
+    which one it takes is a matter of speed only."""
     torch.manual_seed(0)
     for conv in (nn.Conv2d(3, 4, 3, padding=(1, 2), dilation=(2, 1)), nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=1),
                  nn.Conv2d(5, 3, 1)):
         conv = conv.double()
         x = torch.rand(3, conv.in_channels, 11, 9, dtype=torch.float64)
         grads = torch.randn(2, *conv(x).shape, dtype=torch.float64)  # (R, B, O, H', W')
-        patches = norm_rules._patches(conv, x)
-        explicit = norm_rules._explicit(grads.flatten(3), patches, p)
+        explicit = norm_rules._conv_explicit(conv, x, grads, p)
         paths = {"grouped": norm_rules._grouped(conv, x, grads, p)}
-        if conv.stride == (1, 1):
-            paths["shifted"] = norm_rules._shifted(conv, x, grads, p)
         if p == 2:
-            paths["gram"] = norm_rules._gram(grads.flatten(3), patches)
+            paths["gram"] = norm_rules._conv_gram(conv, x, grads, p)
+            paths["input_gram"] = norm_rules._conv_input_gram(conv, x, grads, p)
         for name, values in paths.items():
             assert relative_error(values, explicit) < 1e-12, (conv, name)
 

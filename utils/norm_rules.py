@@ -2,7 +2,8 @@
 dL/dW = Σ_s g_s a_sᵀ over the output positions s; a rule, registered by layer type (``@norm_rule(nn.Linear)``),
 turns the layer's inputs a and output gradients g of a whole batch into Σ |dL/dW|^p (p = 1 or 2) for every (row,
 sample), without a loop over samples. Supporting a new layer type is one function here. Each rule picks its
-cheapest exact path from the shapes, and works on chunks of samples that stay in cache."""
+cheapest exact path from the shapes, and works on chunks of samples that stay in cache (``in_chunks``)."""
+import math
 from collections.abc import Callable
 
 import torch
@@ -35,9 +36,42 @@ def _gram(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return ((g.transpose(2, 3) @ g) * (a.transpose(1, 2) @ a)).sum((2, 3))
 
 
-def _gram_is_cheaper(g: torch.Tensor, fan_in: int) -> bool:
-    R, _, O, S = g.shape
+def _gram_is_cheaper(R: int, O: int, S: int, fan_in: int) -> bool:
     return S * S * (R * O + fan_in) < R * S * O * fan_in
+
+
+RULE_CHUNK_ELEMENTS = 2 ** 21
+"""The elements a rule's path touches at once (the samples' inputs and output gradients and what the path builds
+from them): a batch is cut into chunks of samples of about this size (8 MiB of float32), so that the work stays in
+cache and a larger ``--batch-size`` is not slower per image (measured in ``docs/speed.md``)."""
+
+
+def in_chunks(path: NormRule, elements_per_sample: int, module: nn.Module, inputs: torch.Tensor, grads: torch.Tensor,
+              p: int) -> torch.Tensor:
+    """``path`` on chunks of samples of at most ``RULE_CHUNK_ELEMENTS`` elements; samples are independent, so the
+    result is the same as one call's."""
+    chunk = max(1, RULE_CHUNK_ELEMENTS // elements_per_sample)
+    if chunk >= grads.shape[1]:
+        return path(module, inputs, grads, p)
+    return torch.cat([path(module, inputs[i:i + chunk], grads[:, i:i + chunk], p)
+                      for i in range(0, grads.shape[1], chunk)], 1)
+
+
+def _over_positions(inputs: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear's inputs (B, ..., I) and output gradients (R, B, ..., O) as a (B, I, S) and g (R, B, O, S)."""
+    a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).transpose(1, 2)
+    g = grads.reshape(*grads.shape[:2], -1, grads.shape[-1]).transpose(2, 3)
+    return a, g
+
+
+def _linear_gram(module: nn.Linear, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    a, g = _over_positions(inputs, grads)
+    return _gram(g, a)
+
+
+def _linear_explicit(module: nn.Linear, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    a, g = _over_positions(inputs, grads)
+    return _explicit(g, a, p)
 
 
 @norm_rule(nn.Linear)
@@ -45,15 +79,16 @@ def linear_norms(module: nn.Linear, inputs: torch.Tensor, grads: torch.Tensor, p
     """y = W a over S positions (S = 1 for a plain (B, I) input): dL/dW = Σ_s g_s a_sᵀ. For S = 1 the gradient
     g aᵀ has rank one, so ‖·‖₁ = ‖g‖₁‖a‖₁ and ‖·‖₂² = ‖g‖₂²‖a‖₂² exactly; otherwise Gram identity (p = 2) or the
     explicit gradient, whichever is cheaper."""
-    a = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).transpose(1, 2)  # (B, I, S)
-    g = grads.reshape(*grads.shape[:2], -1, grads.shape[-1]).transpose(2, 3)  # (R, B, O, S)
-    if a.shape[2] == 1:
+    a, g = _over_positions(inputs, grads)
+    R, _, O, S = g.shape
+    I = a.shape[1]
+    if S == 1:
         if p == 1:
             return g.abs().sum((2, 3)) * a.abs().sum((1, 2))
         return g.pow(2).sum((2, 3)) * a.pow(2).sum((1, 2))
-    if p == 2 and _gram_is_cheaper(g, a.shape[1]):
-        return _gram(g, a)
-    return _explicit(g, a, p)
+    if p == 2 and _gram_is_cheaper(R, O, S, I):
+        return in_chunks(_linear_gram, I * S + S * S * (R + 1) + R * O * S, module, inputs, grads, p)
+    return in_chunks(_linear_explicit, I * S + R * O * S + R * O * I, module, inputs, grads, p)
 
 
 def _patches(conv: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
@@ -65,29 +100,46 @@ def _patches(conv: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
     return windows.permute(0, 1, 4, 5, 2, 3).reshape(inputs.shape[0], -1, windows.shape[2] * windows.shape[3])
 
 
-def _shifted(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
-    """Σ |dL/dW|^p, (R, B), of a stride-1 convolution, one kernel offset at a time: dW[:, :, i, j] is the
-    product of the output gradients and the padded input shifted by that offset. Flattened, with the output
-    rows padded to the input's padded width, each shift is a contiguous slice: no patch matrix is built."""
-    (kh, kw), (dh, dw), (ph, pw) = conv.kernel_size, conv.dilation, conv.padding
+def _conv_gram(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    """‖dL/dW‖², (R, B), of a convolution by the Gram identity over its input patches: costs S²·(R·O + I)."""
+    return _gram(grads.flatten(3), _patches(conv, inputs))
+
+
+def _conv_input_gram(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    """‖dL/dW‖², (R, B), of a convolution by the Gram identity with no patch matrix: a patch is the padded input x
+    at the kernel's offsets δ, so a_s·a_t = Σ_δ x_{s+δ}·x_{t+δ}, the channel Gram K = xᵀx of the padded input (P×P
+    positions) summed along the kernel's offsets, each a strided view of K. Costs C·P² + S²·(R·O + kh·kw): on small
+    feature maps far less than the patches' Gram (S²·I) or the per-sample gradients (R·O·S·I)."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = conv.kernel_size, conv.dilation, conv.padding, conv.stride
     R, B, O, H, W = grads.shape
-    width = W + dw * (kw - 1)  # of the padded input
-    a = F.pad(inputs, (pw, pw, ph, ph + 1)).flatten(2)  # one more row: the last shift runs past the end
-    g = F.pad(grads, (0, width - W)).transpose(0, 1).reshape(B, R * O, H * width)
-    total = 0
+    x = F.pad(inputs, (pw, pw, ph, ph))
+    height, width = x.shape[2:]
+    x = x.flatten(2)
+    K = x.transpose(1, 2) @ x  # (B, P, P), P = height·width padded positions
+    row, column = height * width * width, width  # K's strides, in elements, for one step down at either end
+    patch_products = K.as_strided((B, H, W, H, W, kh, kw),
+                                  (K.stride(0), sh * row, sw * height * width, sh * column, sw, dh * (row + column),
+                                   dw * (height * width + 1)))
+    a = patch_products[..., 0, 0].clone()
     for i in range(kh):
         for j in range(kw):
-            shift = i * dh * width + j * dw
-            block = (g @ a[:, :, shift:shift + H * width].transpose(1, 2)).reshape(B, R, -1)  # (B, R, O·C)
-            total = total + (block.pow(2) if p == 2 else block.abs()).sum(2)
-    return total.T
+            if i or j:
+                a += patch_products[..., i, j]
+    g = grads.flatten(3)
+    return ((g.transpose(2, 3) @ g) * a.reshape(B, H * W, H * W)).sum((2, 3))
+
+
+def _conv_explicit(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    """Σ |dL/dW|^p, (R, B), of a convolution from its per-sample gradients, one batched product with the patch
+    matrix."""
+    return _explicit(grads.flatten(3), _patches(conv, inputs), p)
 
 
 def _grouped(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
     """Σ |dL/dW|^p, (R, B), from the per-sample gradients built as one grouped convolution's weight gradient: the
     batch folded into the channels (B groups; group b pairs sample b's C input channels with the R·O output
-    gradients of its rows), as torch.func's and Opacus' batching rules do. The convolution library's own kernel:
-    much faster than shifted slices on large feature maps with few channels, slower on small ones."""
+    gradients of its rows), as torch.func's and Opacus' batching rules do. The convolution library's own kernel,
+    with no patch matrix: the fastest path on large feature maps, slower than the patch matrix on small ones."""
     R, B, O, H, W = grads.shape
     channels = inputs.shape[1]
     folded = torch.nn.grad.conv2d_weight(inputs.reshape(1, B * channels, *inputs.shape[2:]),
@@ -98,42 +150,34 @@ def _grouped(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int)
     return (per_row.pow(2) if p == 2 else per_row.abs()).sum(2).T
 
 
-GROUPED_MIN_POSITIONS_PER_CHANNEL = 16
-"""``_grouped`` when the output positions S ≥ 16 × the input channels: measured on the 2-core CPU (R = 1 and 10,
-B = 25 to 256), 2.5–3.5× faster than shifted slices at 32×32 with 16–32 channels, level at 16×16 with 64, 4×
-slower at 8×8 with 128 (``docs/speed.md``)."""
+COST_PER_MULTIPLY_ADD = {"gram": 1.0, "input_gram": 1.4, "explicit": 1.2, "grouped": 0.65}
+"""The time of each Conv2d path per multiply-add, relative to the patches' Gram: measured on the 2-core CPU on the
+feature maps of ResNet-20 and WRN-40-2 (R = 1 and 10, 64 images; ``docs/speed.md``). ``grouped`` is that fast only
+for one row, at least 8 input channels and output positions S ≥ 2 × the input channels; elsewhere it is not
+offered."""
 
 
 @norm_rule(nn.Conv2d)
 def conv2d_norms(module: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
-    """dL/dW = Σ_s g_s a_sᵀ over the output positions s, with a_s the input patch (``_patches``). The cheapest
-    exact path: for p = 2 the Gram identity when S²·(R·O + I) < R·S·O·I (small feature maps); on large feature
-    maps with few channels the explicit per-sample gradients of one grouped convolution; otherwise the explicit
-    gradient, from shifted slices of the input (stride 1) or from the patch matrix."""
-    g = grads.flatten(3)  # (R, B, O, S)
-    if p == 2 and _gram_is_cheaper(g, module.weight[0].numel()):
-        return _gram(g, _patches(module, inputs))
-    if g.shape[3] >= GROUPED_MIN_POSITIONS_PER_CHANNEL * inputs.shape[1]:
-        return _grouped(module, inputs, grads, p)
-    if module.stride == (1, 1):
-        return _shifted(module, inputs, grads, p)
-    return _explicit(g, _patches(module, inputs), p)
-
-
-RULE_CHUNK_ELEMENTS = 2 ** 21
-"""Per-sample gradient elements (rows × samples × weights) a rule works on at once: a larger batch is cut into
-chunks of samples of about this size (8 MiB of float32), so that its explicit gradients stay in cache and a larger
-``--batch-size`` is not slower per image (measured in ``docs/speed.md``)."""
-
-
-def in_chunks(rule: NormRule, module: nn.Module, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
-    """``rule`` on chunks of samples of at most ``RULE_CHUNK_ELEMENTS`` gradient elements; samples are
-    independent, so the result is the same as one call's."""
-    chunk = max(1, RULE_CHUNK_ELEMENTS // (grads.shape[0] * module.weight.numel()))
-    if chunk >= grads.shape[1]:
-        return rule(module, inputs, grads, p)
-    return torch.cat([rule(module, inputs[i:i + chunk], grads[:, i:i + chunk], p)
-                      for i in range(0, grads.shape[1], chunk)], 1)
+    """dL/dW = Σ_s g_s a_sᵀ over the output positions s, with a_s the input patch (``_patches``). The path of least
+    estimated time (multiply-adds × ``COST_PER_MULTIPLY_ADD``): for p = 2 the Gram identity, over the patches or
+    over the padded input; the per-sample gradients of one grouped convolution (one row, large feature maps) or from
+    the patch matrix. All are exact; each runs in chunks of samples that stay in cache (``in_chunks``)."""
+    R, _, O = grads.shape[:3]
+    S, channels, kernel = math.prod(grads.shape[3:]), inputs.shape[1], math.prod(module.kernel_size)
+    I, P = channels * kernel, math.prod(n + 2 * pad for n, pad in zip(inputs.shape[2:], module.padding))
+    cost = COST_PER_MULTIPLY_ADD
+    paths = []  # (estimated time, path, elements a sample touches)
+    if p == 2:
+        paths.append((cost["gram"] * S * S * (R * O + I), _conv_gram, I * S + S * S * (R + 1) + R * O * S))
+        paths.append((cost["input_gram"] * (channels * P * P + S * S * (R * O + kernel)), _conv_input_gram,
+                      channels * P + P * P + S * S * (R + 1) + R * O * S))
+    if R == 1 and channels >= 8 and S >= 2 * channels:
+        paths.append((cost["grouped"] * O * S * I, _grouped, inputs[0].numel() + O * S + O * I))
+    else:
+        paths.append((cost["explicit"] * R * O * S * I, _conv_explicit, I * S + R * O * S + R * O * I))
+    _, path, elements = min(paths, key=lambda option: option[0])
+    return in_chunks(path, elements, module, inputs, grads, p)
 
 
 def rule_for(name: str, module: nn.Module) -> NormRule:

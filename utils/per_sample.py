@@ -30,7 +30,7 @@ from torch import nn
 
 from models import tracked_parameters
 from utils.activation_rules import ACTIVATION_RULES, FEATURES
-from utils.norm_rules import in_chunks, rule_for
+from utils.norm_rules import rule_for
 
 
 def tracked_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -137,38 +137,45 @@ def _gradients(model: nn.Module, x: torch.Tensor, output_grads: Callable[[torch.
                                             for t in targets))
     weight_targets = [name for name in layers if any(
         not isinstance(kind, str) and (wanted is None or name in wanted) for _, kind, wanted in requests)]
-    logits, inputs, outputs, activations = _forward(model, x, layers, activation_targets)
+    image, logits, inputs, outputs, activations = _forward(model, x, layers, activation_targets)
     groups = output_grads(logits.detach())
     groups = [groups] if isinstance(groups, (torch.Tensor, tuple)) else groups
     groups = [(g, None) if isinstance(g, torch.Tensor) else g for g in groups]
     bounds = torch.tensor([0, *(len(g) for g, _ in groups)]).cumsum(0).tolist()
-    targets = [outputs[name] for name in weight_targets] + [activations[t] for t in activation_targets]
-    grads, scale = _backward(groups, logits, activations.get(FEATURES), targets)
-    weight_grads = dict(zip(weight_targets, grads))
-    activation_grads = dict(zip(activation_targets, grads[len(weight_targets):]))
-    results = []
-    for group, kind, wanted in requests:
-        rows = slice(bounds[group], bounds[group + 1])
-        found = {}
-        if isinstance(kind, str):
-            rule, degree = ACTIVATION_RULES[kind]
-            for target in wanted:
-                found[target] = rule(activations[target].detach(), activation_grads[target][rows])
-                found[target] = found[target] * scale[rows].unsqueeze(2) ** degree
-        else:
-            for name in weight_targets:
-                if wanted is None or name in wanted:
-                    power_sum = in_chunks(rule_for(name, layers[name]), layers[name], inputs[name],
-                                           weight_grads[name][rows], kind)
-                    found[name] = scale[rows] * (power_sum.sqrt() if kind == 2 else power_sum)
-        results.append(found)
-    return logits.detach(), results
+    seeds, scale = _unit_seeds(groups, activations.get(FEATURES))
+    found = [{} for _ in requests]
+
+    def weight_norms(name: str) -> Callable[[torch.Tensor], None]:
+        def consume(grad: torch.Tensor) -> None:
+            for values, (group, p, wanted) in zip(found, requests):
+                if not isinstance(p, str) and (wanted is None or name in wanted):
+                    rows = slice(bounds[group], bounds[group + 1])
+                    power_sum = rule_for(name, layers[name])(layers[name], inputs[name], grad[rows], p)
+                    values[name] = scale[rows] * (power_sum.sqrt() if p == 2 else power_sum)
+        return consume
+
+    def activation_values(target: str) -> Callable[[torch.Tensor], None]:
+        def consume(grad: torch.Tensor) -> None:
+            for values, (group, kind, wanted) in zip(found, requests):
+                if isinstance(kind, str) and target in wanted:
+                    rule, degree = ACTIVATION_RULES[kind]
+                    rows = slice(bounds[group], bounds[group + 1])
+                    values[target] = rule(activations[target].detach(), grad[rows]) * scale[rows].unsqueeze(2) ** degree
+        return consume
+
+    consumers = ([(outputs[name], weight_norms(name)) for name in weight_targets]
+                 + [(activations[target], activation_values(target)) for target in activation_targets])
+    _backward(seeds, [logits, activations.get(FEATURES)][:len(seeds)], image, consumers)
+    ordered = [weight_targets if not isinstance(kind, str) else wanted for _, kind, wanted in requests]
+    return logits.detach(), [{name: values[name] for name in order if name in values}
+                             for values, order in zip(found, ordered)]
 
 
 def _forward(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], activation_targets: list[str]
-             ) -> tuple[torch.Tensor, dict, dict, dict]:
-    """One forward pass with hooks: the logits, each tracked layer's input (detached) and output, and each
-    activation target's output (``FEATURES``: the head's input)."""
+             ) -> tuple[torch.Tensor, torch.Tensor, dict, dict, dict]:
+    """One forward pass with hooks: the images as a leaf that requires grad (the backward pass runs to it), the
+    logits, each tracked layer's input (detached) and output, and each activation target's output (``FEATURES``:
+    the head's input)."""
     head, modules = list(layers)[-1], dict(model.named_modules())
     inputs, outputs, activations = {}, {}, {}
 
@@ -195,28 +202,56 @@ def _forward(model: nn.Module, x: torch.Tensor, layers: dict[str, nn.Module], ac
     handles += [modules[t].register_forward_hook(keep_activation(t)) for t in activation_targets if t != FEATURES]
     try:
         with torch.enable_grad():
-            logits = model(x)
+            image = x.detach().requires_grad_()
+            logits = model(image)
     finally:
         for handle in handles:
             handle.remove()
     unused = [name for name in layers if name not in outputs] + [t for t in activation_targets if t not in activations]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not used in the forward pass")
-    return logits, inputs, outputs, activations
+    return image, logits, inputs, outputs, activations
 
 
-def _backward(groups: list[tuple[torch.Tensor, torch.Tensor | None]], logits: torch.Tensor,
-              features: torch.Tensor | None, targets: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Every row of every group back-propagated together to ``targets``, each row at unit length: the gradients
-    (R, B, ...) per target and each row's scale (R, B), by which the gradients are to be multiplied."""
+def _unit_seeds(groups: list[tuple[torch.Tensor, torch.Tensor | None]], features: torch.Tensor | None
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every row of every group as the seed of the backward pass, at the logits (R, B, K) and, where a group seeds
+    them, at the features (R, B, D), each row scaled to unit length; and each row's scale (R, B), by which its
+    gradients are to be multiplied."""
     seeds = [torch.cat([g for g, _ in groups])]
     if any(f is not None for _, f in groups):
         width = features.shape[1]
         seeds.append(torch.cat([g.new_zeros(*g.shape[:2], width) if f is None else f.expand(-1, -1, width)
                                 for g, f in groups]))
     scale = torch.linalg.vector_norm(torch.cat(seeds, 2), dim=2).clamp_min(torch.finfo(seeds[0].dtype).tiny)  # (R, B)
-    units = [seed / scale.unsqueeze(2) for seed in seeds]
-    sources = [logits, features][:len(seeds)]
-    if len(scale) == 1:  # one loss per sample: a plain backward pass, no vmap over the losses
-        return [grad.unsqueeze(0) for grad in torch.autograd.grad(sources, targets, [u[0] for u in units])], scale
-    return list(torch.autograd.grad(sources, targets, units, is_grads_batched=True)), scale
+    return [seed / scale.unsqueeze(2) for seed in seeds], scale
+
+
+def _backward(seeds: list[torch.Tensor], sources: list[torch.Tensor], image: torch.Tensor,
+              consumers: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]]) -> None:
+    """Back-propagate the R rows of ``seeds`` from ``sources`` and hand each consumer the gradient (R, B, ...) at its
+    tensor. One row: a plain backward pass to the images, each consumer called by a hook on its tensor as that
+    gradient arrives, so that no layer's gradient outlives its use (holding every layer's gradient of a large
+    batch at once made the pass twice as slow); several rows: one batched vector-Jacobian product to every
+    consumer's tensor (``is_grads_batched``; a hook inside it would see one row at a time)."""
+    tensors = [tensor for tensor, _ in consumers]
+    if len(seeds[0]) > 1:
+        for (_, consume), grad in zip(consumers, torch.autograd.grad(sources, tensors, seeds, is_grads_batched=True)):
+            consume(grad)
+        return
+    arrived = set()
+
+    def on_gradient(index: int, consume: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            consume(grad.unsqueeze(0))
+            arrived.add(index)
+        return hook
+
+    handles = [tensor.register_hook(on_gradient(i, consume)) for i, (tensor, consume) in enumerate(consumers)]
+    try:
+        torch.autograd.grad(sources, image, [seed[0] for seed in seeds])
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(arrived) < len(consumers):
+        raise ValueError("a tracked layer's output does not depend on the input images; its gradient is not tracked")
