@@ -134,7 +134,7 @@ def speed_rows(model: nn.Module, arch: str, detector: Detector, x: torch.Tensor,
     """The engine and the ceiling at each ``--batch-size`` (one that runs out of memory is left out), reported
     at the default and the best; the loop; vmap at its best batch."""
     where, per_image = str(device), rows_per_sample([detector], NUM_CLASSES)
-    loop_rate = throughput(lambda b: loop(model, b, [detector]), x[:sizes.loop_images], 1, where)
+    loop_rate = throughput(lambda b: loop(model, b, [detector]), x[:sizes.loop_images], 1, where, repeats=1)
     vmap_rates = {batch: unless_out_of_memory(lambda batch=batch: throughput(
                       lambda b: vmap_scores(model, b, detector), x[:sizes.vmap_images], batch, where))
                   for batch in sizes.vmap_batches}
@@ -182,7 +182,7 @@ def step_rate(arch: str, device: torch.device, amp: torch.dtype | None, channels
         loss.backward()
         optimizer.step()
 
-    steps_per_second = throughput(step, torch.empty(sizes.steps), 1, str(device))  # one "image" = one step
+    steps_per_second = throughput(step, torch.empty(sizes.steps), 1, str(device), repeats=1)  # one "image" = one step
     return steps_per_second * (n_in + n_out)
 
 

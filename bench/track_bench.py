@@ -10,8 +10,11 @@
            pytorch-ood takes per-sample gradients), at its best batch, on the same images, with the largest
            relative difference of its values from the engine's (for a single weight-gradient detector).
 
-``--sweep`` also times the engine at 32 to 256 images a batch: a larger ``--batch-size`` should never be slower
-per image.
+``--paths`` times each path of the Conv2d rule (``utils.norm_rules.conv2d_paths``) on each of the model's
+convolutions, beside the batched weight gradient: what the rule's cost estimates are calibrated on.
+
+``--sweep`` also times the engine and the ceiling at 32 to 256 images a batch: a larger ``--batch-size`` should
+never be slower per image. Every rate is the best of three passes, the methods taking turns (``best_rates``).
 
 With ``--score all`` it also times the detectors' separate engine runs, one after the other, against the one
 shared pass. For ``odin`` the loop is the official path (a batch of one, ``backward()`` to the normalised input,
@@ -34,6 +37,7 @@ the number of images.
     python bench/track_bench.py --arch wrn40_2 --score original --n 32 --memory
     python bench/track_bench.py --arch resnet18 --score gradnorm --layers last --n 2000
     python bench/track_bench.py --arch wrn40_2 --score odin --n 200
+    python bench/track_bench.py --arch wrn40_2 --paths --n 64
 """
 import argparse
 import multiprocessing
@@ -41,6 +45,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,12 +64,14 @@ from utils.detectors import (  # noqa: E402
     gradient_scores,
     rows_per_sample,
 )
+from utils.norm_rules import conv2d_paths, in_chunks  # noqa: E402
 from utils.per_sample import tf32_mode  # noqa: E402
 from utils.runtime import keep_freed_memory  # noqa: E402
 
 NUM_CLASSES = 10
 VMAP_BATCHES = (16, 64, 256)  # images per vmap call; the best is reported
 SWEEP = (32, 64, 128, 256)  # images a batch for --sweep
+REPEATS = 3  # passes over the images a rate is the best of
 
 
 def make_model(arch: str, device: str) -> nn.Module:
@@ -175,21 +182,36 @@ def last_layer_report(model: nn.Module, x: torch.Tensor, detectors: list[Detecto
     print(f"OpenOOD GradNorm  {openood_rate:9.1f} images/s   --layers last is {last_rate / openood_rate:.1f}x faster")
 
 
-def throughput(step: Callable[[torch.Tensor], object], x: torch.Tensor, images_per_batch: int, device: str) -> float:
-    """Images per second of ``step`` over ``x`` in batches, after one warm-up batch."""
-    step(x[:images_per_batch])
+def best_rates(steps: dict[str, tuple[Callable[[torch.Tensor], object], int]], x: torch.Tensor, device: str,
+               repeats: int = REPEATS) -> dict[str, float]:
+    """Images per second of each ``step`` over ``x`` in batches of its size, after one warm-up batch each: in each
+    of ``repeats`` rounds every step makes one pass in turn, and each keeps its best pass (a shared machine only
+    ever slows a pass down, and taking turns spreads a slow spell over all of them)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for i in range(0, len(x), images_per_batch):
-        step(x[i:i + images_per_batch])
-    sync()
-    return len(x) / (time.perf_counter() - start)
+    for step, images_per_batch in steps.values():
+        step(x[:images_per_batch])
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(repeats):
+        for name, (step, images_per_batch) in steps.items():
+            sync()
+            start = time.perf_counter()
+            for i in range(0, len(x), images_per_batch):
+                step(x[i:i + images_per_batch])
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: len(x) / seconds for name, seconds in best.items()}
+
+
+def throughput(step: Callable[[torch.Tensor], object], x: torch.Tensor, images_per_batch: int, device: str,
+               repeats: int = REPEATS) -> float:
+    """Images per second of one ``step`` (``best_rates``)."""
+    return best_rates({"step": (step, images_per_batch)}, x, device, repeats)["step"]
 
 
 def peak_memory_mib(arch: str, score: str, batch_size: int, n: int, device: str) -> float:
     """The engine's peak memory (MiB) over ``n`` images generated batch by batch: RSS of this process on the
     CPU (run it in a fresh process), allocated memory on CUDA."""
+    keep_freed_memory()
     model = make_model(arch, device)
     detectors = chosen(score)
     per_batch = max(1, batch_size // rows_per_sample(detectors, NUM_CLASSES))
@@ -206,12 +228,52 @@ def chosen(score: str) -> list[Detector]:
     return [DETECTORS[name] for name in (TRACK_GRADIENT_SCORES if score == "all" else [score])]
 
 
-def vmap_report(model: nn.Module, x: torch.Tensor, detector: Detector, engine_rate: float, device: str) -> None:
+def convolution_inputs(model: nn.Module, x: torch.Tensor) -> dict[tuple, tuple[nn.Conv2d, torch.Tensor, torch.Size]]:
+    """Each distinct convolution of the model (channels in and out, kernel, stride, input size) on ``x``: the module,
+    its input and the shape of its output."""
+    seen = {}
+
+    def keep(module: nn.Conv2d, args: tuple, output: torch.Tensor) -> None:
+        key = (module.in_channels, module.out_channels, module.kernel_size, module.stride, tuple(args[0].shape[2:]))
+        seen.setdefault(key, (module, args[0], output.shape))
+
+    handles = [module.register_forward_hook(keep) for module in model.modules() if isinstance(module, nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def paths_report(model: nn.Module, x: torch.Tensor, device: str, rows: tuple[int, ...] = (1, 10)) -> None:
+    """``--paths``: for each distinct convolution of the model, the time per image of every path of the Conv2d rule
+    (``utils.norm_rules.conv2d_paths``, each in its chunks) on the model's own inputs to it and random output
+    gradients, L2, for R rows an image, beside the batched weight gradient of the same rows (what a training step
+    computes); * marks the path the rule takes. What ``COST_PER_MULTIPLY_ADD`` is calibrated on."""
+    for (channels, out_channels, kernel, stride, size), (conv, a, shape) in convolution_inputs(model, x).items():
+        for R in rows:
+            g = torch.randn(R, *shape, device=device)
+            paths = conv2d_paths(conv, a, g, 2)
+            chosen = min(paths, key=lambda name: paths[name][1])
+            steps = {"weight grad": partial(torch.nn.grad.conv2d_weight, a.repeat(R, 1, 1, 1), conv.weight.shape,
+                                            g.flatten(0, 1), conv.stride, conv.padding, conv.dilation)}
+            steps.update({name + "*" * (name == chosen): partial(in_chunks, path, elements, conv, a, g, 2)
+                          for name, (path, _, elements) in paths.items()})
+            rates = best_rates({name: (lambda _, run=run: run(), len(a)) for name, run in steps.items()}, a, device)
+            print(f"{channels:4d}->{out_channels:<4d} {kernel[0]}x{kernel[1]}/{stride[0]} {size[0]:3d}x{size[1]:<3d} "
+                  f"R={R:<3d}" + " | ".join(f"{name} {1e6 / rate:7.0f}" for name, rate in rates.items()))
+
+
+def vmap_batches(n: int) -> list[int]:
+    return sorted({min(batch, n) for batch in VMAP_BATCHES})
+
+
+def vmap_report(model: nn.Module, x: torch.Tensor, detector: Detector, engine_rate: float,
+                vmap_rates: dict[int, float]) -> None:
     """torch.func's vmap on the same images, at its best batch, and how far its values are from the engine's."""
-    vmap_rate = max(throughput(lambda b: vmap_scores(model, b, detector), x, batch, device)
-                    for batch in sorted({min(batch, len(x)) for batch in VMAP_BATCHES}))
-    print(f"vmap     {vmap_rate:8.1f} images/s   engine at {engine_rate / vmap_rate:.2f}x it (vmap at its best "
-          f"batch of {', '.join(map(str, VMAP_BATCHES))}; largest relative difference of its totals from the "
+    batch, rate = max(vmap_rates.items(), key=lambda item: item[1])
+    print(f"vmap     {rate:8.1f} images/s   engine at {engine_rate / rate:.2f}x it (vmap at its best batch, {batch} of "
+          f"{', '.join(map(str, vmap_batches(len(x))))}; largest relative difference of its totals from the "
           f"engine's: {vmap_difference(model, x[:8], detector):.1e})")
 
 
@@ -227,6 +289,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak memory over 500 and 2,000 images")
     parser.add_argument("--layers", choices=("all", "last"), default="all",
                         help="last: time --layers last against a forward pass and the GradNorm loops")
+    parser.add_argument("--paths", action="store_true",
+                        help="time every path of the Conv2d rule on each of the model's convolutions, and stop")
     parser.add_argument("--sweep", action="store_true",
                         help=f"also time the engine at {', '.join(map(str, SWEEP))} images a batch")
     args = parser.parse_args()
@@ -238,6 +302,11 @@ def main() -> None:
               f"{args.device}, {torch.get_num_threads()} threads")
         last_layer_report(model, images(args.n, args.device), detectors, args.batch_size, args.device)
         return
+    if args.paths:
+        print(f"{args.arch}, the Conv2d rule's paths on {args.n} images, L2, device {args.device}, "
+              f"{torch.get_num_threads()} threads; microseconds an image, * the path the rule takes")
+        paths_report(make_model(args.arch, args.device), images(args.n, args.device), args.device)
+        return
     rows = rows_per_sample(detectors, NUM_CLASSES)
     per_batch = max(1, args.batch_size // rows)
 
@@ -246,20 +315,30 @@ def main() -> None:
     print(f"{args.arch}, score {args.score}, {rows} row(s) an image, batches of {per_batch} images, n = {args.n}, "
           f"device {args.device}, {torch.get_num_threads()} threads")
 
-    loop_rate = throughput(lambda b: loop(model, b, detectors), x, 1, args.device)
-    engine_rate = throughput(lambda b: engine(model, b, detectors), x, per_batch, args.device)
-    ceiling_rate = throughput(lambda b: ceiling(model, b, detectors), x, per_batch, args.device)
-    print(f"loop     {loop_rate:8.1f} images/s")
-    print(f"engine   {engine_rate:8.1f} images/s   {engine_rate / loop_rate:.2f}x the loop")
+    steps = {"loop": (lambda b: loop(model, b, detectors), 1),
+             "engine": (lambda b: engine(model, b, detectors), per_batch),
+             "ceiling": (lambda b: ceiling(model, b, detectors), per_batch)}
+    with_vmap = len(detectors) == 1 and detectors[0].has_weight_gradients
+    if with_vmap:
+        steps.update({("vmap", batch): (lambda b: vmap_scores(model, b, detectors[0]), batch)
+                      for batch in vmap_batches(len(x))})
+    if args.sweep:
+        steps.update({(kind, images_per_batch): (lambda b, step=steps[kind][0]: step(b), images_per_batch)
+                      for images_per_batch in SWEEP for kind in ("engine", "ceiling")})
+    rates = best_rates(steps, x, args.device)
+    engine_rate, ceiling_rate = rates["engine"], rates["ceiling"]
+    print(f"loop     {rates['loop']:8.1f} images/s")
+    print(f"engine   {engine_rate:8.1f} images/s   {engine_rate / rates['loop']:.2f}x the loop")
     print(f"ceiling  {ceiling_rate:8.1f} images/s   engine at {engine_rate / ceiling_rate:.2f} of it "
           f"(forward + backward of {per_batch * rows} rows a batch)")
-    if len(detectors) == 1 and detectors[0].has_weight_gradients:
-        vmap_report(model, x, detectors[0], engine_rate, args.device)
+    if with_vmap:
+        vmap_report(model, x, detectors[0], engine_rate,
+                    {key[1]: rate for key, rate in rates.items() if isinstance(key, tuple) and key[0] == "vmap"})
     if args.sweep:
         for images_per_batch in SWEEP:
-            rate = throughput(lambda b: engine(model, b, detectors), x, images_per_batch, args.device)
+            engine_at, ceiling_at = rates["engine", images_per_batch], rates["ceiling", images_per_batch]
             print(f"engine at {images_per_batch:4d} images a batch ({images_per_batch * rows:5d} rows): "
-                  f"{rate:8.1f} images/s")
+                  f"{engine_at:8.1f} images/s   ceiling {ceiling_at:8.1f}   engine at {engine_at / ceiling_at:.2f}")
     if len(detectors) > 1:
         seconds = sum(1 / throughput(lambda b, d=d: engine(model, b, [d]), x, per_batch_of(d, args.batch_size),
                                      args.device) for d in detectors)  # per image, the detectors one after another

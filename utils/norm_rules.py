@@ -152,31 +152,38 @@ def _grouped(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int)
 
 COST_PER_MULTIPLY_ADD = {"gram": 1.0, "input_gram": 1.4, "explicit": 1.2, "grouped": 0.65}
 """The time of each Conv2d path per multiply-add, relative to the patches' Gram: measured on the 2-core CPU on the
-feature maps of ResNet-20 and WRN-40-2 (R = 1 and 10, 64 images; ``docs/speed.md``). ``grouped`` is that fast only
-for one row, at least 8 input channels and output positions S ≥ 2 × the input channels; elsewhere it is not
-offered."""
+feature maps of ResNet-20 and WRN-40-2 (R = 1 and 10; ``python bench/track_bench.py --arch ARCH --paths``,
+``docs/speed.md``). ``grouped`` is that fast only for one row, a kernel larger than 1×1, at least 8 input channels
+and output positions S ≥ 2 × the input channels; elsewhere it is not offered."""
+
+
+def conv2d_paths(module: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int
+                 ) -> dict[str, tuple[NormRule, float, int]]:
+    """Every exact path of ``conv2d_norms`` for these shapes and p, by name: (path, estimated time = multiply-adds a
+    sample × ``COST_PER_MULTIPLY_ADD``, elements a sample touches). The Gram identities give L2 norms only; a path
+    the rule does not offer here (``grouped`` beyond its shapes) is estimated at infinity."""
+    R, _, O = grads.shape[:3]
+    S, channels, kernel = math.prod(grads.shape[3:]), inputs.shape[1], math.prod(module.kernel_size)
+    I, P = channels * kernel, math.prod(n + 2 * pad for n, pad in zip(inputs.shape[2:], module.padding))
+    cost = COST_PER_MULTIPLY_ADD
+    grouped_offered = R == 1 and kernel > 1 and channels >= 8 and S >= 2 * channels
+    paths = {"explicit": (_conv_explicit, cost["explicit"] * R * O * S * I, I * S + R * O * S + R * O * I),
+             "grouped": (_grouped, cost["grouped"] * R * O * S * I if grouped_offered else math.inf,
+                         inputs[0].numel() + R * O * S + R * O * I)}
+    if p == 2:
+        paths["gram"] = (_conv_gram, cost["gram"] * S * S * (R * O + I), I * S + S * S * (R + 1) + R * O * S)
+        paths["input_gram"] = (_conv_input_gram, cost["input_gram"] * (channels * P * P + S * S * (R * O + kernel)),
+                               channels * P + P * P + S * S * (R + 1) + R * O * S)
+    return paths
 
 
 @norm_rule(nn.Conv2d)
 def conv2d_norms(module: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
     """dL/dW = Σ_s g_s a_sᵀ over the output positions s, with a_s the input patch (``_patches``). The path of least
-    estimated time (multiply-adds × ``COST_PER_MULTIPLY_ADD``): for p = 2 the Gram identity, over the patches or
-    over the padded input; the per-sample gradients of one grouped convolution (one row, large feature maps) or from
-    the patch matrix. All are exact; each runs in chunks of samples that stay in cache (``in_chunks``)."""
-    R, _, O = grads.shape[:3]
-    S, channels, kernel = math.prod(grads.shape[3:]), inputs.shape[1], math.prod(module.kernel_size)
-    I, P = channels * kernel, math.prod(n + 2 * pad for n, pad in zip(inputs.shape[2:], module.padding))
-    cost = COST_PER_MULTIPLY_ADD
-    paths = []  # (estimated time, path, elements a sample touches)
-    if p == 2:
-        paths.append((cost["gram"] * S * S * (R * O + I), _conv_gram, I * S + S * S * (R + 1) + R * O * S))
-        paths.append((cost["input_gram"] * (channels * P * P + S * S * (R * O + kernel)), _conv_input_gram,
-                      channels * P + P * P + S * S * (R + 1) + R * O * S))
-    if R == 1 and channels >= 8 and S >= 2 * channels:
-        paths.append((cost["grouped"] * O * S * I, _grouped, inputs[0].numel() + O * S + O * I))
-    else:
-        paths.append((cost["explicit"] * R * O * S * I, _conv_explicit, I * S + R * O * S + R * O * I))
-    _, path, elements = min(paths, key=lambda option: option[0])
+    estimated time (``conv2d_paths``): for p = 2 the Gram identity, over the patches or over the padded input; the
+    per-sample gradients of one grouped convolution (one row, large feature maps) or from the patch matrix. All are
+    exact; each runs in chunks of samples that stay in cache (``in_chunks``)."""
+    path, _, elements = min(conv2d_paths(module, inputs, grads, p).values(), key=lambda option: option[1])
     return in_chunks(path, elements, module, inputs, grads, p)
 
 
