@@ -54,10 +54,10 @@ def keep_freed_memory() -> bool:
     """Let the C allocator keep the memory torch frees on the CPU and hand it out again, rather than return each
     large block to the system and fault fresh pages in for the next one. glibc maps every block above its
     threshold (at most 32 MiB) anew and gives it back when freed: tracking WRN-40-2 at 256 images a batch spent
-    about a third of its time zero-filling pages (``docs/speed.md``), and a larger ``--batch-size`` was slower
-    per image. Here large blocks come from the heap, which is trimmed only above 2 GiB free: the process keeps
-    its peak memory until it exits, as a caching allocator does. True where it applies (Linux with glibc);
-    elsewhere it changes nothing."""
+    about a sixth of its time faulting in and zero-filling pages (``docs/speed.md``), and a larger
+    ``--batch-size`` was slower per image. Here large blocks come from the heap, which is trimmed only above
+    2 GiB free: the process keeps its peak memory until it exits, as a caching allocator does. True where it
+    applies (Linux with glibc); elsewhere it changes nothing."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL("libc.so.6").mallopt
