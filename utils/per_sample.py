@@ -5,9 +5,10 @@ For a layer y = W·a (a Linear, or a convolution seen as a matrix product over u
 sample's weight gradient is  dL/dW = Σ_s g_s a_sᵀ  over the output positions s, where a_s is the input
 patch and g_s = dL/dy_s the output gradient there. Forward hooks keep every tracked layer's input and
 output; one backward pass gives every output gradient g; a per-layer *rule* turns a and g into the norms
-without a loop over samples. The network runs forward once per image: the R losses tracked per image (one
-per class for ``min``/``max``) differ only in dL/dlogits, so their R output gradients are back-propagated
-together as a batched vector-Jacobian product.
+without a loop over samples — with one loss per image, in a hook on the layer's output as its gradient
+arrives, so that no layer's gradient outlives its use. The network runs forward once per image: the R losses
+tracked per image (one per class for ``min``/``max``) differ only in dL/dlogits, so their R output gradients
+are back-propagated together as a batched vector-Jacobian product.
 
 On a GPU TF32 is off while the engine tracks (``tf32_mode``): PyTorch runs convolutions in TF32 by default on
 Ampere and later GPUs, which moves gradient norms by ~1e-3 relative.
