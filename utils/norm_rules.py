@@ -40,6 +40,16 @@ def _gram_is_cheaper(R: int, O: int, S: int, fan_in: int) -> bool:
     return S * S * (R * O + fan_in) < R * S * O * fan_in
 
 
+def _gram_elements(R: int, O: int, S: int, fan_in: int) -> int:
+    """Elements a sample touches on the Gram path: its patches, the two S×S Grams (R + 1), its output gradients."""
+    return fan_in * S + S * S * (R + 1) + R * O * S
+
+
+def _explicit_elements(R: int, O: int, S: int, fan_in: int) -> int:
+    """Elements a sample touches on an explicit path: its patches, its output gradients, its R gradients."""
+    return fan_in * S + R * O * S + R * O * fan_in
+
+
 RULE_CHUNK_ELEMENTS = 2 ** 21
 """The elements a rule's path touches at once (the samples' inputs and output gradients and what the path builds
 from them): a batch is cut into chunks of samples of about this size (8 MiB of float32), so that the work stays in
@@ -87,8 +97,8 @@ def linear_norms(module: nn.Linear, inputs: torch.Tensor, grads: torch.Tensor, p
             return g.abs().sum((2, 3)) * a.abs().sum((1, 2))
         return g.pow(2).sum((2, 3)) * a.pow(2).sum((1, 2))
     if p == 2 and _gram_is_cheaper(R, O, S, I):
-        return in_chunks(_linear_gram, I * S + S * S * (R + 1) + R * O * S, module, inputs, grads, p)
-    return in_chunks(_linear_explicit, I * S + R * O * S + R * O * I, module, inputs, grads, p)
+        return in_chunks(_linear_gram, _gram_elements(R, O, S, I), module, inputs, grads, p)
+    return in_chunks(_linear_explicit, _explicit_elements(R, O, S, I), module, inputs, grads, p)
 
 
 def _patches(conv: nn.Conv2d, inputs: torch.Tensor) -> torch.Tensor:
@@ -167,11 +177,11 @@ def conv2d_paths(module: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p
     I, P = channels * kernel, math.prod(n + 2 * pad for n, pad in zip(inputs.shape[2:], module.padding))
     cost = COST_PER_MULTIPLY_ADD
     grouped_offered = R == 1 and kernel > 1 and channels >= 8 and S >= 2 * channels
-    paths = {"explicit": (_conv_explicit, cost["explicit"] * R * O * S * I, I * S + R * O * S + R * O * I),
+    paths = {"explicit": (_conv_explicit, cost["explicit"] * R * O * S * I, _explicit_elements(R, O, S, I)),
              "grouped": (_grouped, cost["grouped"] * R * O * S * I if grouped_offered else math.inf,
                          inputs[0].numel() + R * O * S + R * O * I)}
     if p == 2:
-        paths["gram"] = (_conv_gram, cost["gram"] * S * S * (R * O + I), I * S + S * S * (R + 1) + R * O * S)
+        paths["gram"] = (_conv_gram, cost["gram"] * S * S * (R * O + I), _gram_elements(R, O, S, I))
         paths["input_gram"] = (_conv_input_gram, cost["input_gram"] * (channels * P * P + S * S * (R * O + kernel)),
                                channels * P + P * P + S * S * (R + 1) + R * O * S)
     return paths

@@ -144,6 +144,7 @@ def _gradients(model: nn.Module, x: torch.Tensor, output_grads: Callable[[torch.
     groups = [(g, None) if isinstance(g, torch.Tensor) else g for g in groups]
     bounds = torch.tensor([0, *(len(g) for g, _ in groups)]).cumsum(0).tolist()
     seeds, scale = _unit_seeds(groups, activations.get(FEATURES))
+    rules = {name: rule_for(name, layers[name]) for name in weight_targets}
     found = [{} for _ in requests]
 
     def weight_norms(name: str) -> Callable[[torch.Tensor], None]:
@@ -151,7 +152,7 @@ def _gradients(model: nn.Module, x: torch.Tensor, output_grads: Callable[[torch.
             for values, (group, p, wanted) in zip(found, requests):
                 if not isinstance(p, str) and (wanted is None or name in wanted):
                     rows = slice(bounds[group], bounds[group + 1])
-                    power_sum = rule_for(name, layers[name])(layers[name], inputs[name], grad[rows], p)
+                    power_sum = rules[name](layers[name], inputs[name], grad[rows], p)
                     values[name] = scale[rows] * (power_sum.sqrt() if p == 2 else power_sum)
         return consume
 
