@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
-
 from utils.data.common import NO_LABEL, not_found
+from utils.data.transforms import CIFAR
 from utils.errors import DataNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -39,7 +38,7 @@ PLACES_SOURCE = ("Get the Places365 test images (test_256.tar) from http://place
                  "(https://github.com/jfc43/informative-outlier-mining, "
                  "datasets/ood_datasets/places365/test_subset/places365_test_list.txt).")
 
-TRANSFORM = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor()])
+TRANSFORM = CIFAR.compose()
 
 
 class ImageFiles(Dataset):
