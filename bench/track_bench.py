@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from utils.detectors import (  # noqa: E402
     DETECTORS,
-    TRACK_GRADIENT_SCORES,
+    SCORE_ALL,
     Detector,
     Scores,
     gradient_scores,
@@ -225,7 +225,10 @@ def peak_memory_mib(arch: str, score: str, batch_size: int, n: int, device: str)
 
 
 def chosen(score: str) -> list[Detector]:
-    return [DETECTORS[name] for name in (TRACK_GRADIENT_SCORES if score == "all" else [score])]
+    """The detectors of ``--score`` (``all``: the engine's, those of --score all that need no fit first)."""
+    if score != "all":
+        return [DETECTORS[score]]
+    return [DETECTORS[name] for name in SCORE_ALL if not DETECTORS[name].fit_first]
 
 
 def convolution_inputs(model: nn.Module, x: torch.Tensor) -> dict[tuple, tuple[nn.Conv2d, torch.Tensor, torch.Size]]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench import benchmark
-from utils.detectors import TRACK_GRADIENT_SCORES
+from utils.detectors import SCORE_ALL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_quick_run_reports_every_detector_near_and_far(tmp_path):
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert report["sets"] == {"near": ["heldout"], "far": ["blobs", "gaussian", "rademacher"]}
     rows = report["summary"]["rows"]
-    expected = {f"{m}: {d}" for m in ("ce", "energy") for d in TRACK_GRADIENT_SCORES} | {"bce: original"}
+    expected = {f"{m}: {d}" for m in ("ce", "energy") for d in SCORE_ALL} | {"bce: original"}
     expected |= {f"{m}: {b}" for m in benchmark.MODELS for b in ("MSP", "Energy", "Mahalanobis", "KNN")}
     assert expected <= set(rows)
     for entry in rows.values():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.detectors import DETECTORS, TRACK_GRADIENT_SCORES
+from utils.detectors import DETECTORS, SCORE_ALL
 from utils.gradients import CHECKPOINT_HASH_KEY, load_gradients
 
 pytestmark = pytest.mark.slow  # four script runs: ~30 s on two CPU cores
@@ -47,7 +47,7 @@ def test_the_same_command_twice_gives_identical_checkpoints_and_gradient_files(t
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     files = sorted(p.relative_to(first) for p in (first / "gradients").rglob("*.pkl"))
     # every detector's ID and heldout files, and the training file of each detector fit on it (NAC-UE)
-    expected = 2 * len(TRACK_GRADIENT_SCORES) + sum(DETECTORS[name].fits_on_training for name in TRACK_GRADIENT_SCORES)
+    expected = 2 * len(SCORE_ALL) + sum(DETECTORS[name].fits_on_training for name in SCORE_ALL)
     assert len(files) == expected
     assert files == sorted(p.relative_to(second) for p in (second / "gradients").rglob("*.pkl"))
     for file in files:

@@ -13,7 +13,7 @@ import track_gradient
 import track_gradient_original
 from utils.checkpoints import save_checkpoint
 from utils.data import NORMALIZATION, get_dataset
-from utils.detectors import DETECTORS, TRACK_GRADIENT_SCORES, gradient_scores
+from utils.detectors import DETECTORS, SCORE_ALL, gradient_scores
 from utils.gradients import CHECKPOINT_HASH_KEY, MODEL_KEYS, gradient_path, load_gradients
 from utils.runtime import run_script
 from utils.shards import Part
@@ -178,7 +178,7 @@ def test_score_all_writes_each_detector_s_file_as_its_own_run_would(roots):
     or 2 × 1 alone). NAC-UE's training split is tracked first, so its fit is the same in both runs."""
     make_checkpoint(roots["checkpoint"], "net")
     run(track_gradient, roots, "--name=net", "--dataset=gaussian", "--score=all", "--limit=5", "--batch-size=34")
-    together = {name: load(roots, "net", name, "gaussian") for name in TRACK_GRADIENT_SCORES}
+    together = {name: load(roots, "net", name, "gaussian") for name in SCORE_ALL}
     roots["gradient"] = roots["gradient"].with_name("alone")
     for name, expected in together.items():
         rows = 20 if name in ("min", "max", "exgrad") else 4 if name == "gaia_a" else 2

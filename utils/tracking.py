@@ -31,7 +31,14 @@ from utils.data import (
     ood_group,
     ood_test_set,
 )
-from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
+from utils.detectors import (
+    SCORE_ALL,
+    TRACK_GRADIENT_SCORES,
+    Detector,
+    get_detector,
+    gradient_scores,
+    rows_per_sample,
+)
 from utils.energy import energy_score
 from utils.errors import UserError
 from utils.feature_baselines import PENULTIMATE
@@ -44,6 +51,7 @@ from utils.gradients import (
     new_record,
     save_gradients,
 )
+from utils.io import atomic_write
 from utils.per_sample import head_module
 from utils.runtime import get_device, loader_workers, progress
 from utils.shards import Part, merge, parse_shard
@@ -71,7 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                                  "expectation under the prediction, Igoe et al. 2022); odin (input perturbation, "
                                  "Liang et al. 2018); gaia_a/gaia_z (gradients at BatchNorm outputs, Chen et al. "
                                  f"2023); nac_ue (neuron activation coverage, Liu et al. 2024, fit on --dataset "
-                                 f"{TRAIN_SPLIT}, tracked first); all: every one of them, one file each")
+                                 f"{TRAIN_SPLIT}, tracked first); grood (gradient to an OOD prototype, ElAraby et al. "
+                                 "2025) and lowdim (low-dimensional gradient, Wu et al. 2024), each fit on the "
+                                 f"--dataset {TRAIN_SPLIT} images first; all: every one of them but lowdim (its "
+                                 "cost: 200 forward-mode passes an image), one file each")
         parser.add_argument("--temperature", type=float, default=1.0, help="GradNorm's temperature T, 1 in the paper")
         parser.add_argument("--odin-temperature", type=float, default=1000.0,
                             help="ODIN's temperature T, 1000 in the paper")
@@ -151,12 +162,15 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
 
 
 def _is_current(path: Path, model_info: dict, num_samples: int | None, options: dict,
-                shard: dict | None = None) -> bool:
+                shard: dict | None = None, fit: dict | None = None) -> bool:
     """Whether ``path`` holds a readable record of this model, detector options and ``num_samples`` samples
-    (None: any number) and this shard; a NAC-UE record also of the current training file's fit."""
+    (None: any number) and this shard; a NAC-UE record also of the current training file's fit; with ``fit``
+    (a ``fit_first`` detector's ``fit_description``), a record of that fit."""
     try:
         record = load_gradients(path)
     except GradientFileError:
+        return False
+    if fit is not None and record.get("fit") != fit:
         return False
     if "fit" in record and record["dataset"] != TRAIN_SPLIT:
         try:
@@ -181,7 +195,8 @@ def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, datase
                                     args.gradient_root, d.last_layer_only) for d in detectors}
     num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     if only_if_stale:
-        current = {d.name for d in detectors if _is_current(finals[d.name], model_info, num_samples, d.options())}
+        current = {d.name for d in detectors
+                   if _is_current(finals[d.name], model_info, num_samples, d.options(), fit=_fit_of(d))}
         for name in current:
             print(f"{finals[name]} is up to date ({num_samples} samples)")
         detectors = [d for d in detectors if d.name not in current]
@@ -194,7 +209,7 @@ def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, datase
         print(f"{dataset_name}: shard {part.index}/{part.count} is empty ({num_samples} samples)")
     else:
         todo = [d for d in detectors if not (only_if_stale and _is_current(
-            part.path(finals[d.name]), model_info, part.stop - part.start, d.options(), shard))]
+            part.path(finals[d.name]), model_info, part.stop - part.start, d.options(), shard, _fit_of(d)))]
         records = track(model, model_info, dataset, dataset_name, todo, part, device, workers) if todo else {}
         for detector in todo:
             if detector.fits_on_training:
@@ -211,9 +226,16 @@ def track_and_save(model: nn.Module, model_info: dict, dataset_name: str, datase
                 print(f"merged {part.count} shards into {final}")
 
 
+def _fit_of(detector: Detector) -> dict | None:
+    return detector.fit_description() if detector.fit_first else None
+
+
 def score_on_training_fit(record: dict, detector: Detector, dataset_name: str, args: argparse.Namespace) -> dict:
     """NAC-UE's rows: the coverage scores of the record's states under the fit on the training split's file
-    (``utils.coverage``); the training split itself is scored under its own fit."""
+    (``utils.coverage``); the training split itself is scored under its own fit. A ``fit_first`` detector's
+    values are final already: its record says what it was fit on."""
+    if detector.fit_first:
+        return {**record, "fit": detector.fit_description()}
     if dataset_name == TRAIN_SPLIT:
         return score_record(record, fit_record(record))
     path = gradient_path(record["model"]["in_dataset"], record["model"]["name"], detector.name, TRAIN_SPLIT,
@@ -230,7 +252,7 @@ def detectors_from(args: argparse.Namespace) -> list[Detector]:
     ``--layers last`` every one that has weight gradients) with its options; the confounding label for
     ``track_gradient_original.py`` (no ``--score``)."""
     score = getattr(args, "score", None)
-    names = TRACK_GRADIENT_SCORES if score == "all" else [score]
+    names = SCORE_ALL if score == "all" else [score]
     detectors = [get_detector(name, getattr(args, "temperature", 1.0), getattr(args, "odin_temperature", 1000.0),
                               getattr(args, "epsilon", 0.0014)) for name in names]
     if args.layers == "all":
@@ -250,11 +272,12 @@ def main(args: argparse.Namespace) -> None:
         if getattr(args, option, 1.0) <= 0:
             raise UserError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}.")
     detectors = detectors_from(args)
-    if args.shard and any(d.fits_on_training for d in detectors) and (args.dataset == TRAIN_SPLIT or not (
-            gradient_path(args.in_dataset, args.name, "nac_ue", TRAIN_SPLIT, args.gradient_root).is_file())):
-        raise UserError(f"NAC-UE is fit on the whole training split's file: track it in one process first "
-                        f"(`python track_gradient.py --name={args.name} --dataset={TRAIN_SPLIT} --score=nac_ue`), "
-                        "then shard the test sets.")
+    unfit = [d.name for d in detectors if d.fits_on_training and (args.dataset == TRAIN_SPLIT or not (
+        gradient_path(args.in_dataset, args.name, d.name, TRAIN_SPLIT, args.gradient_root).is_file()))]
+    if args.shard and unfit:
+        raise UserError(f"{', '.join(unfit)}: fit on the whole training split: track it in one process first "
+                        f"(`python track_gradient.py --name={args.name} --dataset={TRAIN_SPLIT} "
+                        f"--score={unfit[0] if len(unfit) == 1 else args.score}`), then shard the test sets.")
     device = get_device(args.gpu)
     workers = loader_workers(args.workers, device)
     model, meta = load_model(args.in_dataset, args.name, args.epoch, device, args.checkpoint_root, args.model_arch)
@@ -274,9 +297,11 @@ def main(args: argparse.Namespace) -> None:
     datasets = {name: training_subset(args.in_dataset, args.data_root, args.limit) if name == TRAIN_SPLIT
                 else get_dataset(name, args.data_root) if name == args.in_dataset
                 else ood_test_set(name, args.in_dataset, args.data_root) for name in [args.in_dataset, *names]}
+    detectors = [fit_first(d, model, model_info, args, device, refit=TRAIN_SPLIT in names) if d.fit_first else d
+                 for d in detectors]
     fitted = [d for d in detectors if d.fits_on_training and TRAIN_SPLIT not in names and not _is_current(
         gradient_path(args.in_dataset, args.name, d.name, TRAIN_SPLIT, args.gradient_root), model_info, None,
-        d.options())]
+        d.options(), fit=_fit_of(d))]
     if fitted:  # NAC-UE's fit data, of any size: tracked first when missing or of another checkpoint
         track_and_save(model, model_info, TRAIN_SPLIT, training_subset(args.in_dataset, args.data_root, args.limit),
                        fitted, args, device, workers, only_if_stale=False)
@@ -285,6 +310,24 @@ def main(args: argparse.Namespace) -> None:
     for name, dataset in datasets.items():
         track_and_save(model, model_info, name, dataset, detectors, args, device, workers,
                        only_if_stale=name == args.in_dataset)
+
+
+def fit_first(detector: Detector, model: nn.Module, model_info: dict, args: argparse.Namespace,
+              device: torch.device, refit: bool) -> Detector:
+    """``detector`` fit on the ID training subset (``training_subset``: ``--limit`` images), saved beside its files as
+    ``fit.pt`` (``torch.save``, read back with ``weights_only=True``) and reused while it is of this model — and,
+    with ``refit`` (``--dataset train``), of this many images."""
+    path = gradient_path(args.in_dataset, args.name, detector.name, TRAIN_SPLIT, args.gradient_root).with_name("fit.pt")
+    training = training_subset(args.in_dataset, args.data_root, args.limit)
+    if path.is_file():
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if saved["model"] == model_info and (not refit or saved["state"]["num_train"] == len(training)):
+            return detector.from_state(saved["state"])
+    print(f"{detector.name}: fitting on {len(training)} in-distribution training images")
+    fitted = detector.fit(model, training, device, args.batch_size)
+    atomic_write(path, lambda f: torch.save({"model": model_info, "state": fitted.fitted.state()}, f))
+    print(f"saved {path}")
+    return fitted
 
 
 def training_subset(in_dataset: str, data_root: str, limit: int | None) -> Dataset:

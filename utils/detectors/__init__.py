@@ -38,25 +38,29 @@ from utils.detectors.confounding import ConfoundingLabel
 from utils.detectors.cross_entropy import CrossEntropy, ExGrad, Predicted
 from utils.detectors.gaia import GaiaA, GaiaZ, batchnorms, gaia_a_targets
 from utils.detectors.gradnorm import GradNorm
+from utils.detectors.grood import Grood
+from utils.detectors.lowdim import LowDim
 from utils.detectors.nac import NAC_HYPER, NacUE, nac_hyper, nac_layers
 from utils.detectors.odin import ODIN
 from utils.per_sample import eval_mode, tf32_mode, tracked_layers, weight_gradient_norms
 
 __all__ = ["ALL_LAYERS", "CONFOUNDING", "DETECTORS", "NAC_HYPER", "ODIN", "TRACK_GRADIENT_SCORES", "ConfoundingLabel",
-           "CrossEntropy", "Detector", "ExGrad", "GaiaA", "GaiaZ", "GradNorm", "NacUE", "Predicted", "Scores",
+           "CrossEntropy", "Detector", "ExGrad", "GaiaA", "GaiaZ", "GradNorm", "Grood", "LowDim", "NacUE", "Predicted",
+           "SCORE_ALL", "Scores",
            "batchnorms", "ce_losses", "cross_entropy_rows", "gaia_a_targets", "get_detector", "gradient_scores",
            "last_layer_scores", "nac_hyper", "nac_layers", "rows_per_sample"]
 
 DETECTORS: dict[str, Detector] = {d.name: d for d in (
     CrossEntropy("min", "min_k ‖∇_W CE(f(x), k)‖₂ (the class with the smallest total norm)", sign=-1),
     CrossEntropy("max", "max_k ‖∇_W CE(f(x), k)‖₂ (the class with the largest total norm)", sign=+1),
-    Predicted(), GradNorm(), ExGrad(), ODIN(), ConfoundingLabel(), GaiaA(), GaiaZ(), NacUE())}
+    Predicted(), GradNorm(), ExGrad(), ODIN(), ConfoundingLabel(), GaiaA(), GaiaZ(), NacUE(), Grood(), LowDim())}
 
 
 CONFOUNDING = DETECTORS["original"]
 
 
 TRACK_GRADIENT_SCORES = tuple(name for name, d in DETECTORS.items() if d.script == "track_gradient.py")
+SCORE_ALL = tuple(name for name in TRACK_GRADIENT_SCORES if DETECTORS[name].in_score_all)  # what --score all tracks
 
 
 def get_detector(name: str | None, temperature: float = 1.0, odin_temperature: float = 1000.0,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from models import tracked_parameters
 
@@ -72,6 +73,8 @@ class Detector:
     last_layer_only = False  # ``--layers last``: only the last Linear layer is tracked (``last_layer_scores``)
     separate_pass = False    # computes its own values (``scores``) instead of the engine's weight-gradient norms
     fits_on_training = False  # True: the rows are fit on the ID training images' file (NAC-UE, utils.coverage)
+    fit_first = False        # True: its pass needs a fit on the ID training images made before it (``fit``)
+    in_score_all = True      # False: left out of ``--score all`` for its cost (asked for by name only)
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -125,6 +128,18 @@ class Detector:
 
     def scores(self, model: nn.Module, x: torch.Tensor, tf32: bool = False) -> tuple[torch.Tensor, Scores]:
         """For a ``separate_pass`` detector: the logits (B, K) and its values on images ``x``."""
+        raise NotImplementedError
+
+    def fit(self, model: nn.Module, training: Dataset, device: torch.device, batch_size: int) -> "Detector":
+        """For a ``fit_first`` detector: a copy of it fit on the ``training`` images (image, label pairs)."""
+        raise NotImplementedError
+
+    def from_state(self, state: dict) -> "Detector":
+        """For a ``fit_first`` detector: a copy of it holding the fit saved as ``state`` (its fit's ``state()``)."""
+        raise NotImplementedError
+
+    def fit_description(self) -> dict:
+        """For a fitted ``fit_first`` detector: what it was fit on (saved in every file it writes)."""
         raise NotImplementedError
 
     def headline_row(self, layers: Sequence[str]) -> str:

@@ -1,0 +1,262 @@
+"""GROOD (ElAraby et al., TMLR 2025) and the low-dimensional gradient (Wu et al., 2024): each batched unit against
+its official code's path written here independently (OpenOOD's ``grood.py``: autograd to the OOD prototype, the
+faiss L2 index; the official ``github_PCA.py`` / ``github_main.py``: ``vmap(grad)`` per-sample gradients, the
+NFK normalisation, the subspace iteration, ``knn``), in float64, and against the unit's plain batch-of-one loop
+(``reference``); their fit on the training split, tracked first, end to end."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import TensorDataset
+
+import track_gradient
+from tests.test_per_sample import calibrated_model
+from tests.test_track_gradient import load, make_checkpoint, roots  # noqa: F401  (the roots fixture)
+from tests.test_track_gradient import run as run_tracking
+from utils.detectors import DETECTORS, SCORE_ALL, TRACK_GRADIENT_SCORES, gradient_scores, rows_per_sample
+from utils.detectors.grood import NOISE_KEPT, NOISE_SIGMA, grood_gradients, noise_prototype
+from utils.detectors.lowdim import LowDimFit, fit_lowdim, projections, subspace_start
+
+pytestmark = [pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+CPU = torch.device("cpu")
+
+
+class TinyNet(nn.Module):
+    """Two convolutions with BatchNorm, pooling and a Linear head: every kind of parameter, in milliseconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.Conv2d(4, 6, 3, stride=2, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyNet().double()
+    with torch.no_grad():
+        model.train()(torch.rand(32, 3, 8, 8, dtype=torch.float64))
+    return model.eval()
+
+
+def training_set(model: nn.Module, n: int, size: int, wrong: int = 2) -> TensorDataset:
+    """``n`` random images labelled as the model predicts them, but for ``wrong`` of them."""
+    x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    labels[:wrong] = (labels[:wrong] + 1) % 10
+    return TensorDataset(x, labels)
+
+
+# ---------------------------------------------------------------- GROOD, OpenOOD's path
+def openood_grood(model: nn.Module, train: TensorDataset, test: torch.Tensor, noise_proto: torch.Tensor) -> np.ndarray:
+    """grood.py, written again: running-mean class prototypes by label (``update_prototype``), the per-sample
+    ``torch.autograd.grad`` of CE(−‖h − [prototypes; noise_proto]‖, argmax logits) to a leaf noise prototype
+    (``_compute_grad``), kept where label == pseudo label, then −(the nearest squared L2 distance), k = 1."""
+    kept = {}
+    model.fc.register_forward_pre_hook(lambda module, args: kept.__setitem__("h", args[0]))
+    prototypes, counts = torch.zeros(10, 6, dtype=torch.float64), torch.zeros(10, dtype=torch.long)
+    for data, target in [(train.tensors[0][:5], train.tensors[1][:5]), (train.tensors[0][5:], train.tensors[1][5:])]:
+        with torch.no_grad():
+            model(data)
+        for cl in target.unique():
+            mask = target == cl
+            n = mask.sum()
+            prototypes[cl] = (kept["h"][mask].sum(0) + counts[cl] * prototypes[cl]) / (counts[cl] + n)
+            counts[cl] += n
+
+    def compute_grad(data: torch.Tensor, labels: torch.Tensor | None) -> list[torch.Tensor]:
+        proto = noise_proto.clone().requires_grad_()
+        logits = model(data)
+        pseudo = logits.argmax(1)
+        features = kept["h"].detach()
+        vectors = features.reshape(len(data), 1, -1) - torch.cat([prototypes, proto.view(1, -1)])
+        losses = F.cross_entropy(-torch.norm(vectors, dim=2), pseudo, reduction="none")
+        return [torch.autograd.grad(losses[i], [proto], retain_graph=True)[0] for i in range(len(data))
+                if labels is None or labels[i] == pseudo[i]]
+
+    index = torch.stack(compute_grad(*train.tensors)).numpy()
+    queries = torch.stack(compute_grad(test, None)).numpy()
+    return -np.array([((index - q) ** 2).sum(1).min() for q in queries])
+
+
+def test_grood_equals_openood_and_the_plain_loop():
+    model = tiny_model()
+    train = training_set(model, 12, 8)
+    test = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    detector = DETECTORS["grood"].fit(model, train, CPU, 5)
+    assert detector.fitted.num_train == 12 and len(detector.fitted.train_gradients) == 10  # 2 misclassified
+    _, scores = gradient_scores(model, test, [detector])
+    expected = openood_grood(model, train, test, detector.fitted.ood_prototype)
+    np.testing.assert_allclose(scores["grood"].total.numpy(), expected, rtol=1e-10)
+    for i, image in enumerate(test):
+        assert detector.reference(model, image)["total"] == pytest.approx(expected[i], rel=1e-10)
+    alone = [gradient_scores(model, test[i:i + 1], [detector])[1]["grood"].total.item() for i in range(4)]
+    np.testing.assert_allclose(alone, expected, rtol=1e-12)
+    assert (scores["grood"].total <= 0).all() and detector.fit_description()["num_correct"] == 10
+
+
+def test_grood_closed_form_is_openood_s_direct_gradient():
+    """``_compute_grad_directly``: softmax(ncc)_noise · F.normalize(h − noise_proto)."""
+    generator = torch.Generator().manual_seed(3)
+    h, prototypes, ood = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in ((5, 7), (3, 7), 7))
+    vectors = h[:, None] - torch.cat([prototypes, ood[None]])
+    direct = (-torch.norm(vectors, dim=2)).softmax(-1)[:, -1:] * F.normalize(vectors[:, -1])
+    torch.testing.assert_close(grood_gradients(h, prototypes, ood), direct, rtol=1e-12, atol=0)
+
+
+def test_the_noise_prototype_follows_get_uniform_noise():
+    """One batch of 100 uniform images blurred by torchvision's GaussianBlur((5, 7)) at the drawn σ; the 10 with
+    the largest −logsumexp kept (``topk(energyconf, 10)``); the mean of their penultimate features."""
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand((100, 3, 8, 8), generator=generator, dtype=torch.float64)
+    sigma = torch.empty(1).uniform_(*NOISE_SIGMA, generator=generator).item()
+    images = torchvision.transforms.GaussianBlur(kernel_size=(5, 7), sigma=(sigma, sigma))(images)
+    with torch.no_grad():
+        energyconf = -1 * torch.logsumexp(model(images), dim=1)
+        expected = model.body(images)[torch.topk(energyconf, NOISE_KEPT, dim=0).indices].mean(0)
+    torch.testing.assert_close(noise_prototype(model, (3, 8, 8), CPU, torch.float64), expected, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------- the low-dimensional gradient, the official path
+def official_per_sample(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``cal_fisher_vector``: vmap(grad) of Energy_Model(model)(x[None]) = log Σ exp f(x) over every parameter."""
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+
+    def energy(p, sample):
+        return torch.log(torch.sum(torch.exp(functional_call(model, {**p, **buffers}, (sample.unsqueeze(0),))),
+                                   dim=1)).squeeze()
+
+    grads = vmap(grad(energy), in_dims=(None, 0))({k: v.detach() for k, v in params.items()}, x)
+    return torch.cat([g.view(len(x), -1) for g in grads.values()], dim=1)
+
+
+def official_lowdim(model: nn.Module, train: torch.Tensor, test: torch.Tensor, k: int, seed: int):
+    """``pre_compute`` (z from the batch mean's backward × batch size; L from a batch-of-one loop, Σ(g_i − z)²/n;
+    I_2 = 1/sqrt(L), inf → 1 → the largest), ``truncated_svd_dataloader`` with iter = 10 on the explicit
+    Φ = I_2·(g − z), then ``save_low_dim_grad_feature`` and ``knn`` (K = 5, faiss IndexFlatL2 squared distances)."""
+    total = 0
+    for batch in (train[:4], train[4:]):
+        model.zero_grad()
+        torch.log(torch.sum(torch.exp(model(batch)), dim=1)).mean().backward()
+        total = total + torch.cat([p.grad.view(-1) for p in model.parameters()]) * len(batch)
+    z = total / len(train)
+    fisher = 0
+    for image in train:
+        model.zero_grad()
+        torch.log(torch.sum(torch.exp(model(image.unsqueeze(0))), dim=1)).backward()
+        fisher = fisher + torch.square(torch.cat([p.grad.view(-1) for p in model.parameters()]) - z)
+    i_2 = 1 / torch.sqrt(fisher / len(train))
+    i_2 = torch.where(torch.isinf(i_2), torch.full_like(i_2, 1), i_2)
+    i_2 = torch.where(i_2 == 1, torch.full_like(i_2, float(i_2.max())), i_2)
+    phi = i_2 * (official_per_sample(model, train) - z)
+    omiga = subspace_start(len(train), k, seed, torch.float64)  # the official torch.randn((n, k)), then qr
+    omiga = phi.T @ omiga
+    for _ in range(10):
+        omiga = phi @ omiga
+        omiga = phi.T @ omiga
+        omiga, _ = torch.linalg.qr(omiga)
+    b = phi @ omiga
+    p, sigma, q = torch.svd(b.T)
+    v = omiga @ p
+    feat_log = (phi @ v).numpy()
+    feat_log_val = ((i_2 * (official_per_sample(model, test) - z)) @ v).numpy()
+
+    def normalizer(x):
+        return x / (np.linalg.norm(x, ord=2, axis=-1, keepdims=True) + 1e-10)
+
+    ftrain, ftest = normalizer(feat_log), normalizer(feat_log_val)
+    d = np.sort(((ftest[:, None] - ftrain[None]) ** 2).sum(2), axis=1)[:, :5]
+    return z, i_2, v, feat_log_val, -d[:, -1]
+
+
+def test_lowdim_equals_the_official_path_and_the_plain_loop():
+    model = tiny_model()
+    train = training_set(model, 10, 8).tensors[0]
+    test = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    fit = fit_lowdim(model, TensorDataset(train, torch.zeros(10, dtype=torch.long)), CPU, 3, components=4)
+    z, i_2, v, features, expected = official_lowdim(model, train, test, 4, seed=0)
+    torch.testing.assert_close(fit.mean, z, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(fit.inverse_sqrt, i_2, rtol=1e-8, atol=0)
+    torch.testing.assert_close(fit.directions, v, rtol=1e-7, atol=1e-9)
+    detector = DETECTORS["lowdim"].with_fit(fit)
+    _, scores = gradient_scores(model, test, [detector])
+    np.testing.assert_allclose(scores["lowdim"].features["lowdim"].numpy(), features, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(scores["lowdim"].total.numpy(), expected, rtol=1e-7)
+    for i, image in enumerate(test):
+        assert detector.reference(model, image)["total"] == pytest.approx(scores["lowdim"].total[i].item(), rel=1e-10)
+    assert fit.describe()["components"] == 4 and fit.num_train == 10
+
+
+def test_lowdim_subspace_is_the_top_principal_directions():
+    """With as many components as images, the subspace iteration returns Φ's right singular vectors (up to sign)
+    and the training projections are ΦV."""
+    model = tiny_model()
+    train = training_set(model, 6, 8).tensors[0]
+    fit = fit_lowdim(model, TensorDataset(train, torch.zeros(6, dtype=torch.long)), CPU, 4, components=200)
+    phi = fit.inverse_sqrt * (official_per_sample(model, train) - fit.mean)
+    _, singular, vh = torch.linalg.svd(phi, full_matrices=False)
+    keep = singular > 1e-8 * singular[0]  # Φ's rows sum to zero: rank ≤ N − 1
+    overlap = (fit.directions.T @ vh[keep].T).abs()
+    torch.testing.assert_close(overlap.diagonal()[:keep.sum()], torch.ones(int(keep.sum()), dtype=torch.float64),
+                               rtol=0, atol=1e-8)
+    projected = phi @ fit.directions
+    normalised = projected / projected.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(fit.train_features, normalised, rtol=1e-8, atol=1e-10)
+
+
+def test_lowdim_projections_equal_vmap_gradients_on_resnet20():
+    """The forward-mode products on a real architecture (every parameter of ResNet-20) against the official
+    ``vmap(grad)`` gradients dotted with the directions, in chunks that do not divide the directions."""
+    model = calibrated_model("resnet20", torch.float64)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    gradients = official_per_sample(model, x)
+    tangents = torch.randn(gradients.shape[1], 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(projections(model, x, tangents, chunk=2), gradients @ tangents, rtol=1e-9, atol=1e-12)
+
+
+def test_unfit_and_cost_rules():
+    model = tiny_model()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    for name in ("grood", "lowdim"):
+        with pytest.raises(ValueError, match="fit on the ID training images first"):
+            gradient_scores(model, x, [DETECTORS[name]])
+    assert "lowdim" in TRACK_GRADIENT_SCORES and "lowdim" not in SCORE_ALL and "grood" in SCORE_ALL
+    assert rows_per_sample([DETECTORS["grood"], DETECTORS["lowdim"]], 10) == 1  # forward passes: images count
+    with pytest.warns(UserWarning, match="none of the 4"):
+        none_right = DETECTORS["grood"].fit(model, training_set(model, 4, 8, wrong=4), CPU, 4)
+    assert none_right.fitted.num_correct == 0 and len(none_right.fitted.train_gradients) == 4
+    assert isinstance(DETECTORS["lowdim"].from_state(LowDimFit(*[torch.zeros(1)] * 4, 3).state()).fitted, LowDimFit)
+
+
+# ---------------------------------------------------------------- the files, end to end
+@pytest.mark.slow  # 4 s and 9 s: in the full suite
+@pytest.mark.parametrize("name, limit", [("grood", 30), ("lowdim", 6)])  # GROOD: an untrained model is right on few
+def test_tracking_fits_on_the_training_split_first(roots, name, limit):  # noqa: F811
+    """--score grood / lowdim: the fit on the training subset (fit.pt) and train.pkl come first, and every file says
+    that fit; it loads back as the same fit; another set reuses it; --dataset train with more images refits."""
+    make_checkpoint(roots["checkpoint"], "net")
+    run_tracking(track_gradient, roots, "--name=net", "--dataset=gaussian", f"--score={name}", f"--limit={limit}")
+    train, gaussian = load(roots, "net", name, "train"), load(roots, "net", name, "gaussian")
+    folder = roots["gradient"] / "digits" / "net" / name
+    assert (folder / "fit.pt").is_file() and train["num_samples"] == limit
+    assert gaussian["fit"] == train["fit"] == load(roots, "net", name, "digits")["fit"]
+    assert train["fit"]["num_train"] == limit and gaussian["norm"] == "none"
+    saved = torch.load(folder / "fit.pt", weights_only=True)
+    detector = DETECTORS[name].from_state(saved["state"])
+    assert detector.fit_description() == train["fit"]
+    fit_bytes = (folder / "fit.pt").read_bytes()
+    run_tracking(track_gradient, roots, "--name=net", "--dataset=rademacher", f"--score={name}", f"--limit={limit}")
+    assert (folder / "fit.pt").read_bytes() == fit_bytes
+    run_tracking(track_gradient, roots, "--name=net", "--dataset=train", f"--score={name}", f"--limit={limit + 2}")
+    assert load(roots, "net", name, "train")["fit"]["num_train"] == limit + 2
+    assert torch.load(folder / "fit.pt", weights_only=True)["model"] == saved["model"]
