@@ -13,7 +13,7 @@ import pytest
 
 from demo import IN_DATASET
 from utils.data import get_dataset, ood_test_set
-from utils.detectors import TRACK_GRADIENT_SCORES, get_detector
+from utils.detectors import SCORE_ALL, get_detector
 from utils.gradients import gradient_path, load_gradients
 
 pytestmark = pytest.mark.slow  # minutes on two CPU cores: `pytest -m "not slow"` skips it
@@ -54,7 +54,7 @@ def test_energy_training_separates_inlier_and_outlier_energies(demo):
 
 
 def test_gradient_files_cover_every_set_with_the_limit(demo):
-    for score in (*TRACK_GRADIENT_SCORES, None):
+    for score in (*SCORE_ALL, None):
         name = "energy" if score else "bce"
         for dataset in (IN_DATASET, *OOD_SETS):
             record = load_gradients(gradient_path(IN_DATASET, name, score, dataset, demo / "gradients"))
@@ -75,7 +75,7 @@ def test_gradient_norms_tell_in_from_out_distribution(demo):
 
 def test_comparison_has_every_tracked_detector_and_the_baselines(demo):
     for name, detectors in (("energy", {"min", "max", "pred", "gradnorm", "exgrad", "odin", "gaia_a", "gaia_z",
-                                        "nac_ue"}), ("bce", {"original"})):
+                                        "nac_ue", "grood"}), ("bce", {"original"})):
         compared = json.loads((demo / "results" / IN_DATASET / name / "compare" / "comparison.json").read_text())
         assert {row["name"] for row in compared["rows"]} == detectors | {"MSP", "Energy", "Mahalanobis", "KNN"}
         assert compared["datasets"] == [*OOD_SETS, "average"]
