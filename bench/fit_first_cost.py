@@ -5,7 +5,7 @@ CIFAR value) against a fit of that many random orthonormal directions and 5,000 
 not depend on their values); its fit is timed on the ``--train`` images with min(200, --train) components, and one
 of its 13 passes (the per-sample gradients of a batch) alone. Best of ``--repeats``; fits timed once.
 
-    OMP_NUM_THREADS=2 python bench/fit_first_cost.py --arch resnet20 --n 32 --train 64
+    OMP_NUM_THREADS=2 python bench/fit_first_cost.py --arch resnet20 --n 16 --train 32 --components 40 --repeats 1
 """
 import argparse
 import sys
