@@ -3,6 +3,8 @@ its official code's path written here independently (OpenOOD's ``grood.py``: aut
 faiss L2 index; the official ``github_PCA.py`` / ``github_main.py``: ``vmap(grad)`` per-sample gradients, the
 NFK normalisation, the subspace iteration, ``knn``), in float64, and against the unit's plain batch-of-one loop
 (``reference``); their fit on the training split, tracked first, end to end."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import TensorDataset
 
+import compute_gradient_metrics
 import track_gradient
 from tests.test_per_sample import calibrated_model
 from tests.test_track_gradient import load, make_checkpoint, roots  # noqa: F401  (the roots fixture)
@@ -19,6 +22,7 @@ from tests.test_track_gradient import run as run_tracking
 from utils.detectors import DETECTORS, SCORE_ALL, TRACK_GRADIENT_SCORES, gradient_scores, rows_per_sample
 from utils.detectors.grood import NOISE_KEPT, NOISE_SIGMA, grood_gradients, noise_prototype
 from utils.detectors.lowdim import LowDimFit, fit_lowdim, projections, subspace_start
+from utils.metrics import ood_metrics
 
 pytestmark = [pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -260,3 +264,16 @@ def test_tracking_fits_on_the_training_split_first(roots, name, limit):  # noqa:
     run_tracking(track_gradient, roots, "--name=net", "--dataset=train", f"--score={name}", f"--limit={limit + 2}")
     assert load(roots, "net", name, "train")["fit"]["num_train"] == limit + 2
     assert torch.load(folder / "fit.pt", weights_only=True)["model"] == saved["model"]
+
+    results = roots["gradient"].parent / "results"
+    common = [f"--gradient-root={roots['gradient']}", f"--results-root={results}", "--in-dataset=digits",
+              "--name=net", "--dataset=gaussian"]
+    compute_gradient_metrics.main([*common, "--saved_form=norm_single", f"--score={name}"])
+    table = json.loads((results / "digits/net" / f"norm_single-{name}" / "gaussian.json").read_text())
+    total = next(r for r in table["rows"] if r["row"] == "total")
+    id_record, ood_record = load(roots, "net", name, "digits"), load(roots, "net", name, "gaussian")
+    expected = ood_metrics(id_record["total"].astype(np.float64), ood_record["total"].astype(np.float64))
+    assert total["AUROC"] == pytest.approx(100 * expected["AUROC"]) and table["gradient_score"] == "+value"
+    compute_gradient_metrics.main([*common, "--compare"])
+    comparison = json.loads((results / "digits/net/compare/comparison.json").read_text())
+    assert {(r["name"], r["row"]) for r in comparison["rows"] if r["kind"] == "detector"} == {(name, "total")}

@@ -297,8 +297,8 @@ def main(args: argparse.Namespace) -> None:
     datasets = {name: training_subset(args.in_dataset, args.data_root, args.limit) if name == TRAIN_SPLIT
                 else get_dataset(name, args.data_root) if name == args.in_dataset
                 else ood_test_set(name, args.in_dataset, args.data_root) for name in [args.in_dataset, *names]}
-    detectors = [fit_first(d, model, model_info, args, device, refit=TRAIN_SPLIT in names) if d.fit_first else d
-                 for d in detectors]
+    detectors = [fitted_on_training(d, model, model_info, args, device, refit=TRAIN_SPLIT in names)
+                 if d.fit_first else d for d in detectors]
     fitted = [d for d in detectors if d.fits_on_training and TRAIN_SPLIT not in names and not _is_current(
         gradient_path(args.in_dataset, args.name, d.name, TRAIN_SPLIT, args.gradient_root), model_info, None,
         d.options(), fit=_fit_of(d))]
@@ -312,7 +312,7 @@ def main(args: argparse.Namespace) -> None:
                        only_if_stale=name == args.in_dataset)
 
 
-def fit_first(detector: Detector, model: nn.Module, model_info: dict, args: argparse.Namespace,
+def fitted_on_training(detector: Detector, model: nn.Module, model_info: dict, args: argparse.Namespace,
               device: torch.device, refit: bool) -> Detector:
     """``detector`` fit on the ID training subset (``training_subset``: ``--limit`` images), saved beside its files as
     ``fit.pt`` (``torch.save``, read back with ``weights_only=True``) and reused while it is of this model — and,

@@ -26,6 +26,10 @@ Two ways out of the engine: a ``separate_pass`` detector computes its values its
 differentiates with respect to the input and runs a second forward pass), and ``on_last_layer()`` gives a
 detector that tracks only the last Linear layer, computed from the penultimate features with no backward pass
 (``last_layer_scores``; ``--layers last``: its files say so in ``options`` and live in ``<name>-last/``).
+
+A ``fit_first`` detector (GROOD, the low-dimensional gradient) needs a fit on ID training images before its pass:
+``fit(model, training, …)`` returns a copy holding it (``from_state`` rebuilds one from a saved fit), and tracking
+makes it first. ``in_score_all = False`` leaves a detector out of ``--score all`` (``SCORE_ALL``) for its cost.
 """
 from collections.abc import Sequence
 
