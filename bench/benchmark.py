@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 from utils.data import check_in_dataset, ood_group  # noqa: E402
 from utils.data.splits import is_digits_split  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.runtime import get_device, run_script  # noqa: E402
+from utils.runtime import describe_kernels, get_device, pinned_kernel_env, run_script  # noqa: E402
 
+ENV = pinned_kernel_env()  # the thread count and kernels of the documented tables
 DIGITS_SPLITS = ("digits-012345", "digits-135789", "digits-024679")  # 6 known, 4 unknown (Neal et al.'s MNIST ratio)
 MODELS = {"ce": "cross-entropy", "energy": "ce fine-tuned with the energy loss", "bce": "one sigmoid per class"}
 GROUPS = ("near", "far")
@@ -81,11 +82,11 @@ PLANS = {
 
 def run(script: str, *args: str) -> None:
     print(f"\n$ python {script} {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, str(ROOT / script), *args], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, str(ROOT / script), *args], check=True, cwd=ROOT, env=ENV)
 
 
 def machine() -> str:
-    """The machine in words: CPU model and cores, torch and its intra-op threads, the GPU where used."""
+    """The machine in words: CPU model and cores, torch and the threads and kernels its runs use, the GPU where used."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -94,7 +95,7 @@ def machine() -> str:
         cpu = names[0] if names else cpu
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (f"{cpu}, {torch.multiprocessing.cpu_count()} cores; torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads{gpu}; Python {platform.python_version()}")
+            f"{ENV['OMP_NUM_THREADS']} threads ({describe_kernels(ENV)}){gpu}; Python {platform.python_version()}")
 
 
 def train_and_track(in_dataset: str, seed: int, plan: Plan, gpu: str, folder: Path, data_root: str) -> None:
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append({"in_dataset": in_dataset, "seed": seed, "wall_s": time.time() - run_start,
                      "figures": collect(folder, in_dataset)})
     report = {"in_dataset": args.in_dataset, "command": command, "machine": machine(), "plan": asdict(plan),
-              "wall_s": time.time() - start, "torch_threads": torch.get_num_threads(),
+              "wall_s": time.time() - start, "torch_threads": int(ENV["OMP_NUM_THREADS"]),
               "sets": {group: sorted({d for r in runs for e in r["figures"]["rows"].values()
                                       for d in e.get(group, {}).get("sets", [])}) for group in GROUPS},
               "near_of": {r["in_dataset"]: list(ood_group("near", r["in_dataset"])) for r in runs},
