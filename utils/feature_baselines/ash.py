@@ -24,7 +24,7 @@ class ASH(FeatureBaseline):
     Where s2 = 0 (an all-zero row) the logits are b."""
     name = "ASH"
     paper = "Djurisic et al., Extremely Simple Activation Shaping for Out-of-Distribution Detection, ICLR 2023"
-    score = "logsumexp(W ash_s(h) + b)"
+    score = "-E(ash_s(h))"
     head: Head
     percentile: float = PERCENTILE
 

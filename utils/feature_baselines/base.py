@@ -1,10 +1,11 @@
 """What every feature baseline shares: the training data it is fit on, the model's head, and the unit's form.
 
 A baseline is one class: ``name`` (its row in the tables, as its paper names it), ``paper``, ``score`` (the
-score as the tables print it), ``sign`` (+1: the value it returns is the score, higher = in-distribution; −1:
-it returns a distance, the score is its negative), ``needs_head`` (whether it reads the head W, b), a
-classmethod ``fit(training)`` that keeps what it needs of the ID **training** file, ``values(features)`` on
-any set's penultimate features, and ``describe()`` (what the fit chose, for the table's header and JSON).
+score as the tables print it; −E(v) = logsumexp(W v + b), the negated energy of the head's logits on v),
+``sign`` (+1: the value it returns is the score, higher = in-distribution; −1: it returns a distance, the
+score is its negative), ``needs_head`` (whether it reads the head W, b), a classmethod ``fit(training)`` that
+keeps what it needs of the ID **training** file, ``values(features)`` on any set's penultimate features, and
+``describe()`` (what the fit chose, for the table's header and JSON).
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass

@@ -21,7 +21,7 @@ class FDBD(FeatureBaseline):
     never used."""
     name = "fDBD"
     paper = "Liu & Qin, Fast Decision Boundary based Out-of-Distribution Detector, ICML 2024"
-    score = "sum_c |f_c^ - f_c|/|w_c^ - w_c| / |h - mu|"
+    score = "boundary distance/|h - mu|"
     head: Head
     mean: np.ndarray       # μ, (D,)
     distances: np.ndarray  # ‖w_j − w_c‖, (K, K), with 1 on the diagonal (c = ĉ: a zero margin over 1)

@@ -20,7 +20,7 @@ class GEN(FeatureBaseline):
     Nothing is fit; the head alone. Its "APS mode" (γ, M chosen on OOD validation data) is never used."""
     name = "GEN"
     paper = "Liu, Lochman & Zach, GEN: Pushing the Limits of Softmax-Based Out-of-Distribution Detection, CVPR 2023"
-    score = "-sum p^g (1-p)^g"
+    score = "-sum p^g(1-p)^g"
     head: Head
     gamma: float = GAMMA
     m: int = M

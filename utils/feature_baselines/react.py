@@ -21,7 +21,7 @@ class ReAct(FeatureBaseline):
     never used: the default stands."""
     name = "ReAct"
     paper = "Sun, Guo & Li, ReAct: Out-of-distribution Detection With Rectified Activations, NeurIPS 2021"
-    score = "logsumexp(W min(h, c) + b)"
+    score = "-E(min(h, c))"
     head: Head
     threshold: float  # c
 

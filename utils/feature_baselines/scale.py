@@ -22,7 +22,7 @@ class SCALE(FeatureBaseline):
     name = "SCALE"
     paper = ("Xu, Chen, Franchi & Yao, Scaling for Training Time and Post-hoc Out-of-distribution Detection "
              "Enhancement, ICLR 2024")
-    score = "logsumexp(W h e^r + b)"
+    score = "-E(h e^r)"
     head: Head
     percentile: float = PERCENTILE
 

@@ -31,7 +31,7 @@ class ViM(FeatureBaseline):
     "APS mode" (dim chosen from {256, 1000} on OOD validation data) is never used."""
     name = "ViM"
     paper = "Wang et al., ViM: Out-Of-Distribution with Virtual-logit Matching, CVPR 2022"
-    score = "logsumexp(f) - a |R'(h - u)|"
+    score = "-E - a|R'(h - u)|"
     head: Head
     origin: np.ndarray    # u, (D,)
     residual: np.ndarray  # R, (D, D − dim)
