@@ -37,7 +37,7 @@ from utils.feature_baselines import (
     principal_dim,
 )
 from utils.feature_baselines.base import kept_count
-from utils.gradients import gradient_path, load_gradients
+from utils.gradients import GradientFileError, gradient_path, load_gradients
 from utils.metrics import ood_metrics
 from utils.runtime import run_script
 
@@ -406,3 +406,11 @@ def test_tracking_stores_the_last_linear_layers_input_and_the_head(tmp_path):
     train = load_gradients(gradient_path("digits", "net", "gradnorm", "train", tmp_path / "g"))
     assert train["features"]["penultimate"].shape == (11, model.fc.in_features)
     assert train["head"]["weight"].shape == (10, model.fc.in_features) and train["head"]["bias"].dtype == np.float32
+
+
+def test_a_file_with_a_bad_head_is_refused(tmp_path):
+    record = with_features(make_record("train", 20, 0.0, 3), 0.0, 3, random_head(np.random.default_rng(12), 10, DIMS))
+    for head in ({"weight": record["head"]["weight"], "bias": np.zeros(9, np.float32)},
+                 {"weight": np.full((10, DIMS), np.nan, np.float32), "bias": record["head"]["bias"]}, [1, 2]):
+        with pytest.raises(GradientFileError, match="'head' must be"):
+            write({**record, "head": head}, tmp_path)
