@@ -4,7 +4,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from utils.feature_baselines.base import FeatureBaseline, Training
-from utils.feature_baselines.mahalanobis import class_gaussians, gaussian, squared_distances
+from utils.feature_baselines.mahalanobis import (
+    class_gaussians,
+    gaussian,
+    nearest_class_distances,
+    squared_distances,
+    whitener,
+)
 
 
 @dataclass(frozen=True)
@@ -21,15 +27,17 @@ class RMDS(FeatureBaseline):
     paper = "Ren et al., A Simple Fix to Mahalanobis Distance for Improving Near-OOD Detection, arXiv 2021"
     score = "max_c d_0 - d_c"
     needs_head = False
-    means: np.ndarray                 # μ_c, (C, D)
-    precision: np.ndarray             # Σ⁺
+    means: np.ndarray                 # μ_c T, the class means whitened by T, Σ⁺ = T Tᵀ (C, D)
+    transform: np.ndarray             # T
     background_mean: np.ndarray       # μ_0
     background_precision: np.ndarray  # Σ_0⁺
 
     @classmethod
     def fit(cls, training: Training) -> "RMDS":
-        return cls(*class_gaussians(training), *gaussian(training.features))
+        means, precision = class_gaussians(training)
+        transform = whitener(precision)
+        return cls(means @ transform, transform, *gaussian(training.features))
 
     def values(self, features: np.ndarray) -> np.ndarray:
-        nearest = np.min([squared_distances(features, mean, self.precision) for mean in self.means], axis=0)
+        nearest = nearest_class_distances(features, self.means, self.transform)
         return squared_distances(features, self.background_mean, self.background_precision) - nearest
