@@ -9,7 +9,8 @@
 reads ``<gradient root>/<in-dataset>/<name>/<score or "original">/<in-dataset>.pkl`` (the ID test set) and
 the OOD set's file beside it (``--dataset all``: every other ``*.pkl`` there), prints one table per OOD set
 (and their average) — every tracked layer, ``total``, and the MSP / Energy baselines of the same samples (and,
-fit on the ``train`` file, the ``combined`` row and the Mahalanobis / KNN baselines) —
+fit on the ``train`` file, the ``combined`` row and the feature baselines: Mahalanobis, KNN, ReAct, ASH,
+SCALE, ViM, fDBD, GEN, RMDS) —
 and writes it to ``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip][-energy_ood]/<dataset>.json|csv``.
 
 ``--layers last`` reads the files of ``track_gradient.py --layers=last`` (``<score>-last/``) instead.
@@ -52,7 +53,7 @@ from utils.tables import (
     write_table,
 )
 from utils.tracking import TRAIN_SPLIT
-from utils.train_fits import baseline_distances, combined_fit, distances, feature_fit
+from utils.train_fits import baseline_values, combined_fit, distances, feature_fit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -159,7 +160,7 @@ def per_layer_tables(args: argparse.Namespace) -> None:
     fit, baselines = combined_fit(args, train_record), feature_fit(args, train_record)
     sign = score_sign(args.saved_form, args.score, args.flip)
     folder = results_folder(args)
-    combined, features = distances(fit, id_record, ood_records), baseline_distances(baselines, id_record, ood_records)
+    combined, features = distances(fit, id_record, ood_records), baseline_values(baselines, id_record, ood_records)
     tables = []
     for dataset, ood_record in ood_records.items():
         table = detection_table(id_record, ood_record, args.saved_form, args.score, args.flip,
@@ -236,7 +237,7 @@ def compare(args: argparse.Namespace) -> None:
         baselines = feature_fit(args, train_record) if detector is detectors[0] else None  # shown once, as MSP's
         only = None if args.plot else [detector.headline_row(list(id_record["layers"]))]
         combined = distances(fit, id_record, ood_records)
-        features = baseline_distances(baselines, id_record, ood_records)
+        features = baseline_values(baselines, id_record, ood_records)
         tables[detector.name] = [detection_table(id_record, ood_record, saved_form, score, args.flip,
                                                  combined=combined[dataset], protocol=protocol, only=only,
                                                  features=features[dataset])

@@ -11,14 +11,24 @@ For each run (a training seed and, on digits, an open-set split of its own), it 
 3. compares them (``compute_gradient_metrics.py --compare``) and reads each row's metrics per OOD set.
 
 Each row's near-OOD and far-OOD figures are the unweighted mean over the sets of the group in one run; the
-table gives their mean ± std (sample std, ddof = 1) over runs, with each model's test accuracy. New detectors
-of ``utils/detectors/`` appear without an edit here: ``--score all`` tracks every one and ``--compare``
-reports every tracked one.
+table gives their mean ± std (sample std, ddof = 1) over runs, with each model's test accuracy. Since each run
+is another split, the spread between runs hides gaps that every run shows, so each row also has, per group:
+
+* its **paired difference from MSP**: in each run, the row's AUROC minus that run's MSP AUROC on the
+  cross-entropy model (``ce: MSP``, the field's reference), then the mean ± std of those differences over runs
+  and in how many runs it is above 0;
+* its **mean rank** over runs: in each run the rows (those of every run) ranked by AUROC, 1 the best, ties
+  sharing the mean of their ranks.
+
+Rows are sorted by the paired difference (near-OOD, far-OOD where there is no near set), then by the mean
+rank. New detectors of ``utils/detectors/`` and baselines of ``utils/feature_baselines/`` appear without an
+edit here: ``--score all`` tracks every detector and ``--compare`` reports every tracked one and every
+baseline.
 
 Near-OOD: the held-out classes of a digits open-set split (``heldout``), CIFAR-100 for CIFAR-10 and the
 reverse. Far-OOD: the seed's six sets and the synthetic ones, those present (``utils.data.ood_group``).
 
-    python bench/benchmark.py                                 # digits open-set splits, CPU (13 min on 2 cores)
+    python bench/benchmark.py                                 # digits open-set splits, 5 runs, CPU
     python bench/benchmark.py --in-dataset CIFAR-10 --gpu 0   # CIFAR, where the data and a GPU are
     python bench/benchmark.py --quick                         # a smoke run (what the tests run)
 
@@ -38,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,6 +63,7 @@ DIGITS_SPLITS = ("digits-012345", "digits-135789", "digits-024679")  # 6 known, 
 MODELS = {"ce": "cross-entropy", "energy": "ce fine-tuned with the energy loss", "bce": "one sigmoid per class"}
 GROUPS = ("near", "far")
 METRICS = ("FPR95", "AUROC")
+REFERENCE = "ce: MSP"  # the row every row's paired difference subtracts, run by run
 
 
 @dataclass(frozen=True)
@@ -160,29 +172,70 @@ def mean_std(values: list[float]) -> dict:
             "values": values}
 
 
+def ranks(runs: list[dict], keys: list[str], group: str) -> dict[str, list[float]]:
+    """Each row's rank by ``group`` AUROC in each run among ``keys`` (1 the best; ties share their mean rank)."""
+    per_run = [rankdata([-r["figures"]["rows"][key][group]["AUROC"] for key in keys], method="average")
+               for r in runs]
+    return {key: [float(ranked[i]) for ranked in per_run] for i, key in enumerate(keys)}
+
+
+def paired(runs: list[dict], key: str, group: str) -> dict:
+    """The row's ``group`` AUROC minus the same run's ``REFERENCE`` AUROC: mean ± std over runs, and in how
+    many runs it is above 0."""
+    differences = [r["figures"]["rows"][key][group]["AUROC"] - r["figures"]["rows"][REFERENCE][group]["AUROC"]
+                   for r in runs]
+    return {**mean_std(differences), "above": sum(d > 0 for d in differences), "runs": len(differences)}
+
+
 def summarise(runs: list[dict]) -> dict:
-    """Mean ± std over runs of every row's group metrics (rows present in every run) and of the accuracies."""
+    """Mean ± std over runs of every row's group metrics (rows present in every run) and of the accuracies;
+    each row's paired AUROC difference from ``REFERENCE`` (where every run has it) and its mean rank."""
+    keys = [key for key in runs[0]["figures"]["rows"] if all(key in r["figures"]["rows"] for r in runs)]
     summary = {}
-    for key in runs[0]["figures"]["rows"]:
-        if not all(key in r["figures"]["rows"] for r in runs):
-            continue
+    for key in keys:
         first = runs[0]["figures"]["rows"][key]
         entry = {k: first[k] for k in ("model", "row", "kind")}
         for group in GROUPS:
             if group in first:
                 entry[group] = {m: mean_std([r["figures"]["rows"][key][group][m] for r in runs]) for m in METRICS}
         summary[key] = entry
+    for group in GROUPS:
+        ranked = [key for key in keys if group in summary[key]]
+        for key, values in ranks(runs, ranked, group).items():
+            summary[key][group]["rank"] = mean_std(values)
+            if REFERENCE in ranked:
+                summary[key][group]["vs_msp"] = paired(runs, key, group)
     accuracy = {model: mean_std([r["figures"]["accuracy"][model] for r in runs]) for model in MODELS}
-    return {"rows": summary, "accuracy": accuracy}
+    return {"rows": summary, "accuracy": accuracy, "reference": REFERENCE}
+
+
+def ordered(summary: dict, group: str) -> list[dict]:
+    """The rows, largest paired difference from MSP in ``group`` first, then smallest mean rank (rows without
+    the group last)."""
+    def key(entry: dict) -> tuple[float, float]:
+        figures = entry.get(group)
+        if figures is None:
+            return (np.inf, np.inf)
+        return (-figures.get("vs_msp", {}).get("mean", 0.0), figures["rank"]["mean"])
+    return sorted(summary["rows"].values(), key=key)
 
 
 def cell(stat: dict | None) -> str:
     return "–" if stat is None else f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
 
+def difference_cell(stat: dict | None) -> str:
+    """``+1.23 ± 0.45 (3/3)``: the mean paired difference ± its std, and the runs in which it is above 0."""
+    return "–" if stat is None else f"{stat['mean']:+.2f} ± {stat['std']:.2f} ({stat['above']}/{stat['runs']})"
+
+
+def rank_cell(stat: dict | None) -> str:
+    return "–" if stat is None else f"{stat['mean']:.1f}"
+
+
 def markdown(report: dict) -> str:
     """The benchmark as Markdown: header (command, machine, wall time), accuracies, then one row per detector
-    and baseline, best near-OOD AUROC first (far-OOD where there is no near set)."""
+    and baseline, the largest near-OOD paired difference from MSP first (far-OOD where there is no near set)."""
     summary, runs = report["summary"], report["runs"]
     lines = [f"# OOD benchmark: {report['in_dataset']}", "",
              f"Command: `{report['command']}`  ",
@@ -193,16 +246,22 @@ def markdown(report: dict) -> str:
              "Each cell: mean ± std (ddof = 1) over the runs of the unweighted mean over the group's sets, in %. "
              "ID is positive; FPR95 is the FPR at 95 % TPR. Near-OOD: "
              + (", ".join(report["sets"]["near"]) or "none") + "; far-OOD: " + ", ".join(report["sets"]["far"]) + ".",
-             "Detectors by their headline row; `combined` rows, Mahalanobis and KNN are fit on ID training images "
+             f"Δ vs MSP: in each run the row's AUROC minus that run's `{report['summary']['reference']}` AUROC, mean "
+             "± std over runs, and (k/n) the runs in which it is above 0. Rank: the mean over runs of the row's "
+             "AUROC rank among all rows (1 = best). Sorted by Δ, then rank.",
+             "Detectors by their headline row; `combined` rows and the feature baselines (Mahalanobis, KNN, ReAct, "
+             "ASH, SCALE, ViM, fDBD, GEN, RMDS; OpenOOD's defaults) are fit on ID training images "
              "only. Rows name the model they are computed on: " + "; ".join(f"`{k}` {v}" for k, v in MODELS.items())
              + ".", "", "| model | test accuracy |", "|---|---|"]
     lines += [f"| {model} | {cell(stat)} |" for model, stat in summary["accuracy"].items()]
     sort_group = "near" if report["sets"]["near"] else "far"
-    ordered = sorted(summary["rows"].values(), key=lambda e: -e.get(sort_group, {}).get("AUROC", {}).get("mean", 0))
-    lines += ["", "| model | detector / baseline | near FPR95 ↓ | near AUROC ↑ | far FPR95 ↓ | far AUROC ↑ |",
-              "|---|---|---|---|---|---|"]
-    for entry in ordered:
-        cells = [cell(entry.get(group, {}).get(m)) for group in GROUPS for m in METRICS]
+    lines += ["", "| model | detector / baseline | " + " | ".join(
+        f"{group} {title}" for group in GROUPS for title in ("FPR95 ↓", "AUROC ↑", "Δ AUROC vs MSP", "rank ↓"))
+        + " |", "|---|---|" + "---|" * 4 * len(GROUPS)]
+    for entry in ordered(summary, sort_group):
+        cells = [text for group in GROUPS for text in (
+            *(cell(entry.get(group, {}).get(m)) for m in METRICS),
+            difference_cell(entry.get(group, {}).get("vs_msp")), rank_cell(entry.get(group, {}).get("rank")))]
         lines.append(f"| {entry['model']} | {entry['row']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -214,7 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "that one; CIFAR-10 or CIFAR-100")
     parser.add_argument("--splits", nargs="+", default=list(DIGITS_SPLITS), type=check_in_dataset,
                         help="the digits open-set splits; run k uses split k mod their number")
-    parser.add_argument("--seeds", type=int, default=3, help="training runs (seeds 1..N)")
+    parser.add_argument("--seeds", type=int, default=5, help="training runs (seeds 1..N)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 1 epoch each, 40 samples a set")
     parser.add_argument("--aux-dataset", help="the energy fine-tuning's auxiliary outliers (default: sample_photos "
                                               "on digits, tinyimages on CIFAR; random300k is OE's replacement)")

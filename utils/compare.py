@@ -3,10 +3,10 @@
 ``comparison_table`` takes each detector's detection tables (``utils.tables.detection_table``, one per OOD
 set) and keeps one row per detector, its headline score (``Detector.headline_row``: ``total``, the last
 layer or an extra row such as ExGrad's ``fc.weight:L1``), its ``combined`` row where the tables have one
-(``utils.combine``: fit on training images only), and the baselines once (MSP, Energy, and where fit Mahalanobis
-and KNN, ``utils.feature_baselines``), from the first detector's files (every file stores them for the same
-samples). Its cells are the per-set tables' numbers, unchanged; the average column is ``average_table``'s.
-Rows are sorted by average AUROC.
+(``utils.combine``: fit on training images only), and the baselines once (MSP, Energy, and where fit the
+feature baselines of ``utils.feature_baselines``: Mahalanobis, KNN, ReAct, ASH, SCALE, ViM, fDBD, GEN, RMDS),
+from the first detector's files (every file stores them for the same samples). Its cells are the per-set
+tables' numbers, unchanged; the average column is ``average_table``'s. Rows are sorted by average AUROC.
 """
 from pathlib import Path
 
@@ -65,6 +65,7 @@ def comparison_table(tables: dict[str, list[dict]]) -> dict:
     baselines = [row["row"] for row in columns[source][0]["rows"] if row["kind"] == "baseline"]  # MSP, Energy, …
     entries += [_entry(name, "baseline", name, columns[source]) for name in baselines]
     entries.sort(key=lambda entry: -entry["results"][last]["AUROC"])
+    fitted = [name for name in baselines if name in FEATURE_BASELINES]
     norms = {name: per_set[0]["norm"] for name, per_set in tables.items()}
     return {"in_dataset": first["in_dataset"], "model": first["model"], "flip": first["flip"],
             "num_id": first["num_id"], "datasets": [t["ood_dataset"] for t in columns[source]],
@@ -76,8 +77,8 @@ def comparison_table(tables: dict[str, list[dict]]) -> dict:
             "conventions": (*(line for line in first["conventions"] if line != RAW_VALUES_CONVENTION),
                             "Each detector by its headline row (its paper's score); --flip applies to them only.",
                             f"MSP and Energy from the files of detector {source} (every file stores them for "
-                            "the same samples)" + (", Mahalanobis and KNN fit on its training file's features."
-                                                   if set(FEATURE_BASELINES) <= set(baselines) else ".")),
+                            "the same samples)" + (f"; {', '.join(fitted)} fit on its training file's features."
+                                                   if fitted else ".")),
             "rows": entries}
 
 

@@ -96,7 +96,8 @@ def training_record(args: argparse.Namespace, id_record: dict, id_path: Path) ->
     come from the model of ``id_record``; None, with a note, when it is missing."""
     path = gradient_path(args.in_dataset, args.name, args.score, TRAIN_SPLIT, args.gradient_root, last_layer(args))
     if not path.is_file():
-        rows = "Mahalanobis and KNN rows" if args.combine == "none" else "'combined' row (nor Mahalanobis and KNN)"
+        rows = ("feature baselines (Mahalanobis, KNN, …)" if args.combine == "none"
+                else "'combined' row (nor feature baselines: Mahalanobis, KNN, …)")
         print(f"No {rows}: {path} (the in-distribution training images they are fit on) is missing; make it with "
               f"`{track_command(args, TRAIN_SPLIT)}`.\n")
         return None

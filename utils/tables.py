@@ -37,8 +37,10 @@ CONVENTIONS = ("ID is the positive class; a higher score means more in-distribut
                "combined: -Mahalanobis distance of the log per-layer norms from a Gaussian fit on ID training "
                "images only (--dataset train).",
                "Baselines: score = MSP and -E(x) = logsumexp f(x); --flip applies to neither them nor combined.")
-FEATURE_CONVENTION = ("Mahalanobis (tied covariance, class means) and KNN (k-th nearest normalised feature) on the "
-                      "penultimate features, fit on ID training images only (--dataset train).")
+FEATURE_CONVENTION = ("Feature baselines (Mahalanobis, KNN, ReAct, ASH, SCALE, ViM, fDBD, GEN, RMDS; "
+                      "utils/feature_baselines/) on the penultimate features and the head, OpenOOD's defaults, fit "
+                      "on ID training images only (--dataset train); mean ± std of their raw values (Mahalanobis "
+                      "and KNN: the distance).")
 
 
 def metric_cell(row: dict, metric: str) -> str:
@@ -115,8 +117,8 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
     Each row also holds the mean and (population) standard deviation of the raw values: gradient norms,
     distances, MSP, and the stored energy E(x). ``flip`` applies to the gradient rows only. ``protocol`` says
     which OOD samples count (every row of the table uses the same draws); ``only`` limits the gradient rows to
-    those named. ``features`` gives each feature baseline's ID and OOD distances (``utils.feature_baselines``),
-    rows beside MSP and Energy.
+    those named. ``features`` gives each feature baseline's ID and OOD raw values (``utils.feature_baselines``:
+    its score times its sign), rows beside MSP and Energy.
     """
     sign = score_sign(saved_form, score, flip)
     value = "norm" if id_record.get("norm", "L2") != "none" else "value"  # ODIN's values are not norms
@@ -132,7 +134,8 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
     rows += [_row(name, "baseline", ("-" if b_sign < 0 else "") + key, id_record[key], ood_record[key], b_sign,
                   protocol, subsets)
              for name, (key, b_sign) in BASELINES.items()]
-    rows += [_row(name, "baseline", FEATURE_BASELINES[name], *values, -1, protocol, subsets)
+    rows += [_row(name, "baseline", FEATURE_BASELINES[name].score, *values, FEATURE_BASELINES[name].sign, protocol,
+                  subsets)
              for name, values in (features or {}).items()]
     headline = detector_of(saved_form, score).headline_row(list(id_record["layers"]))
     return {"in_dataset": id_record["dataset"], "ood_dataset": ood_record["dataset"], "model": id_record["model"],

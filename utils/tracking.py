@@ -104,7 +104,7 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
           part: Part, device: torch.device, workers: int) -> dict[str, dict]:
     """The gradients record of samples [part.start, part.stop) of ``dataset`` for each detector, by name
     (the format of ``utils.gradients``), with the penultimate features (the last Linear layer's input in the
-    same forward pass) in each."""
+    same forward pass) and that layer's weight and bias (the feature baselines' logits = W h + b) in each."""
     loader = DataLoader(Subset(dataset, range(part.start, part.stop)), batch_size=part.images_per_batch,
                         num_workers=workers, pin_memory=device.type == "cuda")
     columns: dict[str, list[np.ndarray]] = {}
@@ -115,7 +115,11 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
     bar = progress(total=part.stop - part.start, unit="img", dynamic_ncols=True,
                    desc=f"{dataset_name} ({', '.join(d.name for d in detectors)})")
     penultimate: list[torch.Tensor] = []  # the head's inputs, one batch's forward passes
-    hook = head_module(model).register_forward_hook(lambda module, args, output: penultimate.append(args[0].detach()))
+    head = head_module(model)
+    hook = head.register_forward_hook(lambda module, args, output: penultimate.append(args[0].detach()))
+    bias = torch.zeros(len(head.weight)) if head.bias is None else head.bias
+    weights = {"weight": head.weight.detach().flatten(1).float().cpu().numpy(),  # a 1x1-conv head as (K, D)
+               "bias": bias.detach().float().cpu().numpy()}
     try:
         for images, labels in loader:
             penultimate.clear()
@@ -144,7 +148,8 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
         return {key.removeprefix(prefix): value for key, value in arrays.items() if key.startswith(prefix)}
 
     return {d.name: new_record(model_info, d, dataset_name, group(f"{d.name}/layers/"), group(f"{d.name}/extra/"),
-                               {**group("features/"), **group(f"{d.name}/features/")}, total=arrays[f"{d.name}/total"],
+                               {**group("features/"), **group(f"{d.name}/features/")}, weights,
+                               total=arrays[f"{d.name}/total"],
                                **{"class": arrays[f"{d.name}/class"]},
                                **{key: arrays[key] for key in ("pred", "label", "msp", "energy")})
             for d in detectors}
