@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
 from utils.data.common import NO_LABEL, not_found
 from utils.data.transforms import CIFAR
 from utils.errors import DataNotFoundError
