@@ -47,7 +47,7 @@ from utils.compare import (
     write_comparison,
     write_openood,
 )
-from utils.data import DEFAULT_BENCHMARK, OOD_GROUPS, check_dataset_name, ood_group
+from utils.data import DEFAULT_BENCHMARK, OOD_GROUPS, check_dataset_name, ood_group, resolve
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector
 from utils.errors import UserError
 from utils.gradients import gradient_path, ood_dataset_names
@@ -122,6 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.dataset not in ("all", TRAIN_SPLIT):
         # a UserError for an unknown name, before any file is read
         args.dataset = check_dataset_name(args.dataset, args.benchmark)
+    if args.benchmark != DEFAULT_BENCHMARK and args.dataset != "all":
+        args.dataset = resolve(args.dataset, args.in_dataset, args.benchmark).name  # OpenOOD's cifar10: CIFAR-10
     if args.dataset in (args.in_dataset, TRAIN_SPLIT):
         parser.error(f"--dataset={args.dataset} is the in-distribution set (its test split, or the training split "
                      "the combined row is fit on); name an OOD set or 'all'")

@@ -16,6 +16,8 @@ from sklearn import metrics
 import compute_gradient_metrics
 import models
 import track_gradient
+import track_gradient_original
+from bench import benchmark
 from utils.checkpoints import save_checkpoint
 from utils.data import (
     NORMALIZATION,
@@ -190,6 +192,20 @@ def test_tracking_and_compare_under_openood(tmp_path, capsys):
     with open(folder / "openood.csv") as f:
         rows = list(csv.DictReader(f))
     assert {row["ood_dataset"] for row in rows} == set(form["columns"])
+    with pytest.raises(SystemExit):  # OpenOOD's name of the ID set is the ID set
+        compute_gradient_metrics.main(["--name=net", "--benchmark=openood", "--compare", "--dataset=cifar10"])
+    assert "is the in-distribution set" in capsys.readouterr().err
+
+    # the confounding label's script takes the same option, into its own folder
+    run_script(lambda: track_gradient_original.main([*common, "--dataset=mnist", "--limit=1"]))
+    record = load_gradients(gradient_path("CIFAR-10", "net", None, "mnist", gradients / "openood"))
+    assert record["num_samples"] == 1 and record["label"].tolist() == [-1]
+
+
+def test_the_benchmark_takes_openoods_lists_for_cifar_only():
+    assert benchmark.parse_args(["--in-dataset=CIFAR-100", "--benchmark=openood"]).benchmark == "openood"
+    with pytest.raises(UserError, match="CIFAR-10 and CIFAR-100, not digits"):
+        benchmark.parse_args(["--benchmark=openood"])  # digits
 
 
 def openood_fpr95(id_conf: np.ndarray, ood_conf: np.ndarray) -> float:

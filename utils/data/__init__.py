@@ -216,12 +216,12 @@ def resolve(name: str, in_dataset: str, benchmark: str = DEFAULT_BENCHMARK) -> S
                                                                             augment=False), locate)
     if name == in_dataset:
         return SetSource(name, "id", lambda root, transform: get_dataset(in_dataset, root), locate)
-    if name in splits.near_ood(in_dataset):
+    if name in ood_group("near", in_dataset):
         if name == splits.HELDOUT:
             return SetSource(name, "near", lambda root, transform: splits.heldout(in_dataset))
         return SetSource(name, "near", lambda root, transform: splits.AsOOD(get_dataset(name, root)),
                          _source(name).locate)
-    if name in OOD_DATASETS:
+    if name in ood_group("far", in_dataset):
         return SetSource(name, "far", lambda root, transform: get_dataset(name, root), _source(name).locate)
     raise UserError(f"{name} is not an OOD set of {in_dataset}: its near-OOD sets are "
                     f"{', '.join(splits.near_ood(in_dataset)) or 'none'}, its far-OOD sets {', '.join(OOD_DATASETS)}.")
@@ -233,8 +233,8 @@ def _resolve_openood(name: str, in_dataset: str) -> SetSource:
         split, spelt, role = "train", bench.folder, "train"
     elif name in (in_dataset, bench.folder):
         split, spelt, role = "test", bench.folder, "id"
-    elif name in bench.near + bench.far:
-        split, spelt, role = "test", name, "near" if name in bench.near else "far"
+    elif name in ood_group("all", in_dataset, openood.NAME):
+        split, spelt, role = "test", name, "near" if name in ood_group("near", in_dataset, openood.NAME) else "far"
     else:
         raise UserError(f"{name!r} is not a set of OpenOOD's {bench.folder} benchmark (--benchmark={openood.NAME}): "
                         f"near-OOD {', '.join(bench.near)}, far-OOD {', '.join(bench.far)}; {TRAIN_SPLIT} for "
