@@ -265,15 +265,15 @@ def main(args: argparse.Namespace) -> None:
         missing = [source.name for source in sources if not source.available(args.data_root)]
         if missing:
             print(f"--dataset={args.dataset}: no data under {args.data_root} for {', '.join(missing)}; skipping them")
-        names = [source.name for source in sources if source.name not in missing]
+        sources = [source for source in sources if source.name not in missing]
     else:
-        names = [resolve(args.dataset if args.dataset == TRAIN_SPLIT else check_dataset_name(
-            args.dataset, args.benchmark), args.in_dataset, args.benchmark).name]
+        name = args.dataset if args.dataset == TRAIN_SPLIT else check_dataset_name(args.dataset, args.benchmark)
+        sources = [resolve(name, args.in_dataset, args.benchmark)]
+    names = [source.name for source in sources]
     transform = InputTransform.from_meta(meta)
-    sources = {name: resolve(name, args.in_dataset, args.benchmark) for name in [args.in_dataset, *names]}
-    datasets = {name: training_subset(source.build(args.data_root, transform), args.limit)
+    datasets = {source.name: training_subset(source.build(args.data_root, transform), args.limit)
                 if source.role == "train" else source.build(args.data_root, transform)
-                for name, source in sources.items()}
+                for source in [resolve(args.in_dataset, args.in_dataset, args.benchmark), *sources]}
     fitted = [d for d in detectors if d.fits_on_training and TRAIN_SPLIT not in names and not _is_current(
         gradient_path(args.in_dataset, args.name, d.name, TRAIN_SPLIT, args.gradient_root), model_info, None,
         d.options())]
