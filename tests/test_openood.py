@@ -35,15 +35,17 @@ from utils.metrics import fpr95_ood_positive
 from utils.runtime import run_script
 from utils.tracking import TRAIN_SUBSET_SEED
 
-# set: (list file, folder under images_classic, size, PIL mode, extension, labels); None: a dict-label line
+# set: (list file, folder under images_classic, (width, height), PIL mode, extension, labels); None: a dict-label
+# line
 SETS = {
-    "cifar10": ("test_cifar10.txt", "cifar10/test", 32, "RGB", "png", (3, None, 7, 0)),
-    "train": ("train_cifar10.txt", "cifar10/train", 32, "RGB", "png", (1, 2, 3, 4, 5, 6)),
-    "cifar100": ("test_cifar100.txt", "cifar100/test", 32, "RGB", "png", (-1, -1, -1)),
-    "tin": ("test_tin.txt", "tin/test", 64, "RGB", "jpg", (-1, -1, -1)),
-    "mnist": ("test_mnist.txt", "mnist/test", 28, "L", "png", (-1, -1)),
-    "svhn": ("test_svhn.txt", "svhn/test", 32, "RGB", "png", (-1, -1, -1)),
-}  # texture and places365 (far-OOD) are left out: a group with missing lists
+    "cifar10": ("test_cifar10.txt", "cifar10/test", (32, 32), "RGB", "png", (3, None, 7, 0)),
+    "train": ("train_cifar10.txt", "cifar10/train", (32, 32), "RGB", "png", (1, 2, 3, 4, 5, 6)),
+    "cifar100": ("test_cifar100.txt", "cifar100/test", (32, 32), "RGB", "png", (-1, -1, -1)),
+    "tin": ("test_tin.txt", "tin/test", (64, 64), "RGB", "jpg", (-1, -1, -1)),
+    "mnist": ("test_mnist.txt", "mnist/test", (28, 28), "L", "png", (-1, -1)),
+    "svhn": ("test_svhn.txt", "svhn/test", (32, 32), "RGB", "png", (-1, -1, -1)),
+    "texture": ("test_texture.txt", "texture/banded", (45, 38), "RGB", "jpg", (-1, -1)),  # resized and cropped
+}  # places365 (far-OOD) is left out: a group with a missing list
 
 
 def write_benchmark(root: Path, seed: int = 0) -> dict[str, list[tuple[Path, int]]]:
@@ -56,7 +58,7 @@ def write_benchmark(root: Path, seed: int = 0) -> dict[str, list[tuple[Path, int
         lines, entries = [], []
         for i, label in enumerate(labels):
             relative = f"{folder}/{i:04d}.{extension}"  # names not in sorted order of the list: written reversed
-            shape = (size, size) if mode == "L" else (size, size, 3)
+            shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
             path = root / "images_classic" / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
@@ -86,7 +88,7 @@ def test_the_lists_are_read_as_openood_reads_them(tmp_path):
     written = write_benchmark(tmp_path)
     id_set = resolve("CIFAR-10", "CIFAR-10", "openood").build(tmp_path, CIFAR)
     assert [label for _, label in (id_set[i] for i in range(len(id_set)))] == [0, 7, 0, 3]  # reversed list order
-    for name in ("cifar10", "cifar100", "tin", "mnist", "svhn"):
+    for name in ("cifar10", "cifar100", "tin", "mnist", "svhn", "texture"):
         dataset = id_set if name == "cifar10" else ood_test_set(name, "CIFAR-10", tmp_path, benchmark="openood")
         assert len(dataset) == len(written[name])
         for i, (path, label) in enumerate(written[name]):
@@ -113,7 +115,7 @@ def test_the_registry_names_openoods_sets_and_groups(tmp_path):
     assert (bench.image_folder("textures"), bench.image_folder("ninco")) == ("images_classic", "images_largescale")
     write_benchmark(tmp_path)
     assert dataset_available("tin", tmp_path, "CIFAR-10", "openood")
-    assert not dataset_available("texture", tmp_path, "CIFAR-10", "openood")
+    assert not dataset_available("places365", tmp_path, "CIFAR-10", "openood")
 
 
 def test_a_missing_image_names_the_list_and_line(tmp_path):
@@ -127,8 +129,8 @@ def test_a_missing_image_names_the_list_and_line(tmp_path):
 
 def test_a_bad_line_and_a_missing_list_are_one_paragraph(tmp_path):
     write_benchmark(tmp_path)
-    with pytest.raises(DataNotFoundError, match="test_texture.txt not found"):
-        ood_test_set("texture", "CIFAR-10", tmp_path, benchmark="openood")
+    with pytest.raises(DataNotFoundError, match="test_places365.txt not found"):
+        ood_test_set("places365", "CIFAR-10", tmp_path, benchmark="openood")
     (tmp_path / "benchmark_imglist" / "cifar10" / "test_tin.txt").write_text("tin/test/0000.jpg\n")
     with pytest.raises(UserError, match="test_tin.txt, line 1"):
         ood_test_set("tin", "CIFAR-10", tmp_path, benchmark="openood")
@@ -153,13 +155,13 @@ def test_tracking_and_compare_under_openood(tmp_path, capsys):
     run_script(lambda: track_gradient.main([*common, "--dataset=all", "--score=pred"]))
     run_script(lambda: track_gradient.main([*common, "--dataset=train", "--score=pred", "--limit=4"]))
     out = capsys.readouterr().out
-    assert "no data under" in out and "texture, places365; skipping them" in out
+    assert "no data under" in out and "for places365; skipping them" in out
 
     # stored apart from today's sets: <gradient root>/openood/...; labels and MSP as OpenOOD's preprocessing
     # and a forward pass give them, in list order
     chosen = np.sort(np.random.default_rng(TRAIN_SUBSET_SEED).choice(6, 4, replace=False))
     for name, stored in (("cifar10", "CIFAR-10"), ("cifar100", "cifar100"), ("tin", "tin"), ("mnist", "mnist"),
-                         ("svhn", "svhn"), ("train", "train")):
+                         ("svhn", "svhn"), ("texture", "texture"), ("train", "train")):
         record = load_gradients(gradient_path("CIFAR-10", "net", "pred", stored, gradients / "openood"))
         entries = [written[name][i] for i in chosen] if name == "train" else written[name]
         with torch.no_grad():
@@ -176,8 +178,8 @@ def test_tracking_and_compare_under_openood(tmp_path, capsys):
     assert "OOD is the positive class for FPR@95" in out and "ID is the positive class" in out
     folder = results / "openood" / "CIFAR-10" / "net" / "compare"
     ours, form = (json.loads((folder / f"{stem}.json").read_text()) for stem in ("comparison", "openood"))
-    assert form["groups"] == {"near": ["cifar100", "tin"], "far": ["mnist", "svhn"]}
-    assert form["columns"] == ["cifar100", "tin", "near", "mnist", "svhn", "far"]
+    assert form["groups"] == {"near": ["cifar100", "tin"], "far": ["mnist", "svhn", "texture"]}
+    assert form["columns"] == ["cifar100", "tin", "near", "mnist", "svhn", "texture", "far"]
     for entry, mine in zip(form["rows"], ours["rows"]):
         for group, sets in form["groups"].items():
             for metric in ("AUROC", "FPR95_OOD_POS"):
