@@ -162,7 +162,8 @@ def results_folder(args: argparse.Namespace) -> Path:
 
 
 def protocol_of(args: argparse.Namespace) -> Protocol:
-    return Protocol(args.protocol, seed=args.seed, ood_positive=args.ood_positive)
+    return Protocol(args.protocol, seed=args.seed, ood_positive=args.ood_positive,
+                    openood=args.benchmark != DEFAULT_BENCHMARK)
 
 
 def report(table: dict, written: list[Path]) -> None:

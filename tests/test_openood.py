@@ -31,7 +31,7 @@ from utils.data import openood as openood_data
 from utils.data.transforms import CIFAR
 from utils.errors import DataNotFoundError, UserError
 from utils.gradients import gradient_path, load_gradients
-from utils.metrics import fpr95_ood_positive
+from utils.metrics import fpr95_ood_positive, openood_fpr95
 from utils.runtime import run_script
 from utils.tracking import TRAIN_SUBSET_SEED
 
@@ -182,15 +182,15 @@ def test_tracking_and_compare_under_openood(tmp_path, capsys):
     assert form["columns"] == ["cifar100", "tin", "near", "mnist", "svhn", "texture", "far"]
     for entry, mine in zip(form["rows"], ours["rows"]):
         for group, sets in form["groups"].items():
-            for metric in ("AUROC", "FPR95_OOD_POS"):
+            for metric in ("AUROC", "FPR95_OPENOOD"):
                 assert entry["results"][group][metric] == pytest.approx(
                     np.mean([mine["results"][d][metric] for d in sets]))
     msp = next(entry for entry in form["rows"] if entry["name"] == "MSP")
     with torch.no_grad():
         id_msp = model(torch.stack([openood_preprocess(p) for p, _ in written["cifar10"]])).softmax(1).amax(1)
         tin_msp = model(torch.stack([openood_preprocess(p) for p, _ in written["tin"]])).softmax(1).amax(1)
-    assert msp["results"]["tin"]["FPR95_OOD_POS"] == pytest.approx(
-        100 * openood_fpr95(id_msp.numpy(), tin_msp.numpy()), abs=1e-9)
+    assert msp["results"]["tin"]["FPR95_OPENOOD"] == pytest.approx(
+        100 * openoods_fpr95(id_msp.numpy(), tin_msp.numpy()), abs=1e-9)
     with open(folder / "openood.csv") as f:
         rows = list(csv.DictReader(f))
     assert {row["ood_dataset"] for row in rows} == set(form["columns"])
@@ -210,7 +210,7 @@ def test_the_benchmark_takes_openoods_lists_for_cifar_only():
         benchmark.parse_args(["--benchmark=openood"])  # digits
 
 
-def openood_fpr95(id_conf: np.ndarray, ood_conf: np.ndarray) -> float:
+def openoods_fpr95(id_conf: np.ndarray, ood_conf: np.ndarray) -> float:
     """``openood/evaluators/metrics.py``'s FPR@95, written out: OOD is the positive class, the score is the
     negated confidence, scikit-learn's ROC curve as it comes (intermediate points dropped), the FPR of the
     first point whose TPR reaches 0.95."""
@@ -223,9 +223,17 @@ def openood_fpr95(id_conf: np.ndarray, ood_conf: np.ndarray) -> float:
 def test_openoods_fpr95_on_known_scores():
     # 20 OOD at 0..19 and 10 ID at 14.5..23.5: detecting 19 of 20 OOD (score <= 18) flags the ID at 14.5..17.5
     ood, id_ = np.arange(20.0), np.arange(10.0) + 14.5
-    assert fpr95_ood_positive(id_, ood) == pytest.approx(0.4) == pytest.approx(openood_fpr95(id_, ood))
+    assert openood_fpr95(id_, ood) == pytest.approx(0.4) == pytest.approx(openoods_fpr95(id_, ood))
+    assert fpr95_ood_positive(id_, ood) == pytest.approx(0.4)
+    # ID and OOD on the same 20 values: every ROC step is diagonal, scikit-learn keeps only the ends, and
+    # OpenOOD's first point at TPR >= 0.95 is (1, 1); the exact operating point is 0.95
+    same = np.arange(20.0)
+    assert openood_fpr95(same, same) == 1.0 == openoods_fpr95(same, same)
+    assert fpr95_ood_positive(same, same) == pytest.approx(0.95)
     rng = np.random.default_rng(0)
     for _ in range(20):
         id_scores = rng.integers(0, 12, 300).astype(float)  # many ties
         ood_scores = rng.integers(0, 9, 200).astype(float)
-        assert fpr95_ood_positive(id_scores, ood_scores) == pytest.approx(openood_fpr95(id_scores, ood_scores))
+        assert openood_fpr95(id_scores, ood_scores) == openoods_fpr95(id_scores, ood_scores)
+        id_scores, ood_scores = rng.normal(1, 1, 300), rng.normal(0, 1.5, 120)  # no ties: the exact point
+        assert openood_fpr95(id_scores, ood_scores) == pytest.approx(fpr95_ood_positive(id_scores, ood_scores))

@@ -9,9 +9,9 @@ samples). Its cells are the per-set tables' numbers, unchanged; the average colu
 Rows are sorted by average AUROC.
 
 ``openood_table`` recasts a comparison in OpenOOD v1.5's form (``--benchmark=openood``): AUROC and FPR@95
-with **OOD as the positive class** (``utils.metrics.fpr95_ood_positive``, OpenOOD's
-``openood/evaluators/metrics.py``) per set, and the near- and far-OOD figures as plain means over the group's
-sets, as its evaluator takes them.
+with **OOD as the positive class** (``utils.metrics.openood_fpr95``, as OpenOOD's
+``openood/evaluators/metrics.py`` computes it) per set, and the near- and far-OOD figures as plain means over the
+group's sets, as its evaluator takes them.
 """
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import numpy as np
 from utils.combine import COMBINED_ROW
 from utils.detectors import DETECTORS, Detector
 from utils.feature_baselines import FEATURE_BASELINES
-from utils.metrics import OOD_POSITIVE_FPR
+from utils.metrics import OOD_POSITIVE_FPR, OPENOOD_FPR
 from utils.tables import (
     METRIC_TITLES,
     RAW_VALUES_CONVENTION,
@@ -31,8 +31,8 @@ from utils.tables import (
     write_json_and_csv,
 )
 
-OPENOOD_SHOWN = (OOD_POSITIVE_FPR, "AUROC")  # OpenOOD's table: FPR@95 (OOD positive), AUROC
-OPENOOD_TITLES = {OOD_POSITIVE_FPR: "FPR@95", "AUROC": "AUROC"}
+OPENOOD_SHOWN = (OPENOOD_FPR, "AUROC")  # OpenOOD's table: FPR@95 (OOD positive, as its evaluator), AUROC
+OPENOOD_TITLES = {OPENOOD_FPR: "FPR@95", "AUROC": "AUROC"}
 SHOWN = ("FPR95", "AUROC")  # printed per OOD set (and FPR95 (OOD+) where asked); the CSV/JSON hold every metric
 CSV_KEYS = ("name", "kind", "row", "score", "ood_dataset")
 
@@ -133,7 +133,7 @@ def write_comparison(table: dict, stem: str | Path) -> list[Path]:
 
 
 def openood_table(table: dict, groups: dict[str, tuple[str, ...]], id_accuracy: float) -> dict:
-    """``table`` (``comparison_table``, computed with the OOD-positive FPR95) in OpenOOD's form: each row's AUROC
+    """``table`` (``comparison_table``, computed with OpenOOD's FPR@95) in OpenOOD's form: each row's AUROC
     and FPR@95 (OOD positive) per set in ``groups`` order, then per group (``near``, ``far``) their plain mean
     over the group's sets that the table holds; with the model's accuracy (%) on the ID test list."""
     sets = [d for d in table["datasets"] if d != "average"]
@@ -151,8 +151,9 @@ def openood_table(table: dict, groups: dict[str, tuple[str, ...]], id_accuracy: 
             "num_ood": table["num_ood"], "id_accuracy": id_accuracy, "groups": members, "columns": columns,
             "left_out": left_out, "norms": table["norms"], "metrics_in": "percent",
             "conventions": ("OpenOOD v1.5's form: OOD is the positive class for FPR@95 (the fraction of ID flagged "
-                            "as OOD when 95% of OOD is detected), as its evaluator; the table above takes ID as "
-                            "positive (its FPR95 is another operating point). AUROC is the same either way. "
+                            "as OOD when 95% of OOD is detected), computed as its evaluator computes it; the table "
+                            "above takes ID as positive (its FPR95 is another operating point). AUROC is the same "
+                            "either way. "
                             "Metrics in %; every score is higher for in-distribution, rows in the order above.",
                             "near / far: plain means over the group's sets, as OpenOOD's evaluator."),
             "rows": rows}
