@@ -31,6 +31,11 @@ reverse. Far-OOD: the seed's six sets and the synthetic ones, those present (``u
     python bench/benchmark.py                                 # digits open-set splits, 5 runs, CPU
     python bench/benchmark.py --in-dataset CIFAR-10 --gpu 0   # CIFAR, where the data and a GPU are
     python bench/benchmark.py --quick                         # a smoke run (what the tests run)
+    python bench/benchmark.py --in-dataset CIFAR-10 --benchmark openood --gpu 0   # OpenOOD v1.5's lists
+
+``--benchmark=openood`` trains as before and tracks and compares on OpenOOD v1.5's image lists under
+``--data-root`` (``docs/openood.md``): its near / far groups, its ``train_<in>.txt`` for the fits, each
+comparison also in OpenOOD's form (``openood.json``); the table's FPR95 stays ours (ID positive).
 
 Writes ``<out>/benchmark.md`` and ``<out>/benchmark.json``; every run's checkpoints, gradients and results
 stay under ``<out>/runs/<in-dataset>-seed<seed>/``.
@@ -53,7 +58,8 @@ from scipy.stats import rankdata
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.data import check_in_dataset, ood_group  # noqa: E402
+from utils.cli import benchmark_root  # noqa: E402
+from utils.data import BENCHMARKS, DEFAULT_BENCHMARK, check_in_dataset, ood_group  # noqa: E402
 from utils.data.splits import is_digits_split  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.runtime import describe_kernels, get_device, pinned_kernel_env, run_script  # noqa: E402
@@ -62,6 +68,7 @@ ENV = pinned_kernel_env()  # the thread count and kernels of the documented tabl
 DIGITS_SPLITS = ("digits-012345", "digits-135789", "digits-024679")  # 6 known, 4 unknown (Neal et al.'s MNIST ratio)
 MODELS = {"ce": "cross-entropy", "energy": "ce fine-tuned with the energy loss", "bce": "one sigmoid per class"}
 GROUPS = ("near", "far")
+OPENOOD_TRAINED = ("CIFAR-10", "CIFAR-100")  # OpenOOD's benchmarks whose models the CIFAR plan trains
 METRICS = ("FPR95", "AUROC")
 REFERENCE = "ce: MSP"  # the row every row's paired difference subtracts, run by run
 
@@ -110,7 +117,8 @@ def machine() -> str:
             f"{ENV['OMP_NUM_THREADS']} threads ({describe_kernels(ENV)}){gpu}; Python {platform.python_version()}")
 
 
-def train_and_track(in_dataset: str, seed: int, plan: Plan, gpu: str, folder: Path, data_root: str) -> None:
+def train_and_track(in_dataset: str, seed: int, plan: Plan, gpu: str, folder: Path, data_root: str,
+                    benchmark: str = DEFAULT_BENCHMARK) -> None:
     """Train ``ce``, ``energy`` and ``bce`` with ``seed`` and track every detector on every set, under ``folder``."""
     roots = [f"--checkpoint-root={folder / 'checkpoints'}", f"--data-root={data_root}"]
     common = [f"--in-dataset={in_dataset}", f"--gpu={gpu}", f"--seed={seed}", *roots]
@@ -125,7 +133,8 @@ def train_and_track(in_dataset: str, seed: int, plan: Plan, gpu: str, folder: Pa
     run("train_original.py", "--name=bce", *common, f"--batch-size={plan.batch_size}", f"--epochs={plan.bce_epochs}",
         f"--lr={plan.lr}", "--overwrite")
 
-    track = [f"--in-dataset={in_dataset}", f"--gpu={gpu}", *roots, f"--gradient-root={folder / 'gradients'}"]
+    track = [f"--in-dataset={in_dataset}", f"--gpu={gpu}", *roots, f"--gradient-root={folder / 'gradients'}",
+             f"--benchmark={benchmark}"]
     if plan.limit:
         track.append(f"--limit={plan.limit}")
     for dataset in ("train", "all"):  # the training subset first: with --limit the ID test file is the same
@@ -134,7 +143,8 @@ def train_and_track(in_dataset: str, seed: int, plan: Plan, gpu: str, folder: Pa
         run("track_gradient_original.py", "--name=bce", f"--dataset={dataset}", *track)
     for name in MODELS:
         run("compute_gradient_metrics.py", f"--name={name}", "--compare", f"--in-dataset={in_dataset}",
-            f"--gradient-root={folder / 'gradients'}", f"--results-root={folder / 'results'}")
+            f"--gradient-root={folder / 'gradients'}", f"--results-root={folder / 'results'}",
+            f"--benchmark={benchmark}")
 
 
 def test_accuracy(folder: Path, in_dataset: str, name: str) -> float:
@@ -148,12 +158,13 @@ def row_label(entry: dict) -> str:
     return f"{entry['name']} combined" if entry["kind"] == "combined" else entry["name"]
 
 
-def collect(folder: Path, in_dataset: str) -> dict:
+def collect(folder: Path, in_dataset: str, benchmark: str = DEFAULT_BENCHMARK) -> dict:
     """One run's figures: per model and row, each group's mean over its sets; and each model's test accuracy."""
-    groups = {group: set(ood_group(group, in_dataset)) for group in GROUPS}
+    groups = {group: set(ood_group(group, in_dataset, benchmark)) for group in GROUPS}
+    results = Path(benchmark_root(str(folder / "results"), benchmark))
     rows = {}
     for model in MODELS:
-        table = json.loads((folder / "results" / in_dataset / model / "compare" / "comparison.json").read_text())
+        table = json.loads((results / in_dataset / model / "compare" / "comparison.json").read_text())
         sets = [d for d in table["datasets"] if d != "average"]
         for entry in table["rows"]:
             figures = {}
@@ -237,7 +248,8 @@ def markdown(report: dict) -> str:
     """The benchmark as Markdown: header (command, machine, wall time), accuracies, then one row per detector
     and baseline, the largest near-OOD paired difference from MSP first (far-OOD where there is no near set)."""
     summary, runs = report["summary"], report["runs"]
-    lines = [f"# OOD benchmark: {report['in_dataset']}", "",
+    on = "" if report.get("benchmark", DEFAULT_BENCHMARK) == DEFAULT_BENCHMARK else " on OpenOOD v1.5's image lists"
+    lines = [f"# OOD benchmark: {report['in_dataset']}{on}", "",
              f"Command: `{report['command']}`  ",
              f"Machine: {report['machine']}  ",
              f"Wall time: {report['wall_s'] / 60:.1f} min for {len(runs)} run(s): "
@@ -279,12 +291,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                               "on digits, tinyimages on CIFAR; random300k is OE's replacement)")
     parser.add_argument("--gpu", default="-1", help="CUDA device; -1 (default) for the CPU")
     parser.add_argument("--data-root", default="datasets", help="where the data files are")
+    parser.add_argument("--benchmark", choices=BENCHMARKS, default=DEFAULT_BENCHMARK,
+                        help="the OOD sets tracked: default, this project's; openood, OpenOOD v1.5's image lists "
+                             "(CIFAR-10 / CIFAR-100; docs/openood.md)")
     parser.add_argument("--out", default="bench_output", help="folder for the runs and the report")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = 1
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {args.seeds}.")
+    if args.benchmark != DEFAULT_BENCHMARK and args.in_dataset not in OPENOOD_TRAINED:
+        raise UserError(f"--benchmark={args.benchmark} runs on the in-distribution sets this benchmark trains, "
+                        f"{' and '.join(OPENOOD_TRAINED)}, not {args.in_dataset} (ImageNet models are imported, "
+                        "not trained: docs/openood.md has the commands).")
     if any(not is_digits_split(s) for s in args.splits):
         raise UserError("--splits takes digits open-set splits, e.g. digits-012345.")
     return args
@@ -309,14 +328,15 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(folder / "gradients", ignore_errors=True)  # never mix in an earlier run's files
         shutil.rmtree(folder / "results", ignore_errors=True)
         run_start = time.time()
-        train_and_track(in_dataset, seed, plan, gpu, folder, args.data_root)
+        train_and_track(in_dataset, seed, plan, gpu, folder, args.data_root, args.benchmark)
         runs.append({"in_dataset": in_dataset, "seed": seed, "wall_s": time.time() - run_start,
-                     "figures": collect(folder, in_dataset)})
-    report = {"in_dataset": args.in_dataset, "command": command, "machine": machine(), "plan": asdict(plan),
+                     "figures": collect(folder, in_dataset, args.benchmark)})
+    report = {"in_dataset": args.in_dataset, "benchmark": args.benchmark, "command": command, "machine": machine(),
+              "plan": asdict(plan),
               "wall_s": time.time() - start, "torch_threads": int(ENV["OMP_NUM_THREADS"]),
               "sets": {group: sorted({d for r in runs for e in r["figures"]["rows"].values()
                                       for d in e.get(group, {}).get("sets", [])}) for group in GROUPS},
-              "near_of": {r["in_dataset"]: list(ood_group("near", r["in_dataset"])) for r in runs},
+              "near_of": {r["in_dataset"]: list(ood_group("near", r["in_dataset"], args.benchmark)) for r in runs},
               "runs": runs, "summary": summarise(runs)}
     text = markdown(report)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from utils import cli
+from utils.data import DEFAULT_BENCHMARK
 from utils.errors import UserError
 from utils.gradients import GRADIENT_ROOT, GradientFileError, gradient_path, load_gradients, ood_dataset_names
 from utils.tables import SAVED_FORMS
@@ -19,8 +20,12 @@ def track_command(args: argparse.Namespace, dataset: str) -> str:
     command += " --layers=last" * (args.layers == "last")
     if args.in_dataset != cli.DEFAULT_IN_DATASET:
         command += f" --in-dataset={args.in_dataset}"
-    if args.gradient_root != GRADIENT_ROOT:
-        command += f" --gradient-root={args.gradient_root}"
+    benchmark = getattr(args, "benchmark", DEFAULT_BENCHMARK)
+    if benchmark != DEFAULT_BENCHMARK:
+        command += f" --benchmark={benchmark}"
+    if args.gradient_root != cli.benchmark_root(GRADIENT_ROOT, benchmark):
+        given = args.gradient_root if benchmark == DEFAULT_BENCHMARK else Path(args.gradient_root).parent
+        command += f" --gradient-root={given}"
     return command
 
 

@@ -21,10 +21,10 @@ from utils.combine import COMBINED_ROW
 from utils.detectors import CONFOUNDING, TRACK_GRADIENT_SCORES, Detector, get_detector
 from utils.feature_baselines import FEATURE_BASELINES
 from utils.io import atomic_write
-from utils.metrics import FULL, OOD_POSITIVE_FPR, Protocol
+from utils.metrics import FULL, OOD_POSITIVE_FPR, OPENOOD_FPR, Protocol
 
 METRIC_TITLES = {"FPR95": "FPR95", "AUROC": "AUROC", "AUPR_IN": "AUPR-In", "AUPR_OUT": "AUPR-Out",
-                 OOD_POSITIVE_FPR: "FPR95 (OOD+)"}
+                 OOD_POSITIVE_FPR: "FPR95 (OOD+)", OPENOOD_FPR: "FPR@95 (OpenOOD)"}
 RAW_STATISTICS = ("id_mean", "id_std", "ood_mean", "ood_std")
 SAVED_FORMS = {"norm_single": "norm", "original_single": "original"}  # --saved_form → the file's "method"
 BASELINES = {"MSP": ("msp", +1), "Energy": ("energy", -1)}  # row → (record key, sign making higher = ID)
@@ -149,7 +149,8 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
 def table_protocol(table: dict) -> Protocol:
     """The protocol a table was made with (tables without one: ``full``)."""
     described = table.get("protocol", {})
-    return Protocol(**{k: described[k] for k in ("name", "seed", "draws", "ood_positive") if k in described})
+    return Protocol(**{k: described[k] for k in ("name", "seed", "draws", "ood_positive", "openood")
+                       if k in described})
 
 
 def _average_metrics(per_set: Sequence[dict], metrics: Sequence[str]) -> dict:
