@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
 from utils.data.common import NO_LABEL, not_found
-from utils.data.transforms import CIFAR
+from utils.data.transforms import CIFAR, InputTransform
 from utils.errors import DataNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -38,21 +39,19 @@ PLACES_SOURCE = ("Get the Places365 test images (test_256.tar) from http://place
                  "(https://github.com/jfc43/informative-outlier-mining, "
                  "datasets/ood_datasets/places365/test_subset/places365_test_list.txt).")
 
-TRANSFORM = CIFAR.compose()
-
-
 class ImageFiles(Dataset):
-    """Image files in a fixed order, each as an RGB ``TRANSFORM`` tensor with label -1 (OOD)."""
+    """Image files in a fixed order, each as an RGB tensor through ``transform`` (the CIFAR models' Resize(32) +
+    CenterCrop(32) by default) with label -1 (OOD)."""
 
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
+    def __init__(self, paths: list[Path], transform: InputTransform = CIFAR):
+        self.paths, self.transform = paths, transform.compose()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         with Image.open(self.paths[index]) as image:
-            return TRANSFORM(image.convert("RGB")), NO_LABEL
+            return self.transform(image.convert("RGB")), NO_LABEL
 
 
 def find_images(folder: Path) -> list[Path]:
