@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -81,12 +80,14 @@ def noise_prototype(model: nn.Module, image_shape: tuple[int, ...], device: torc
     (5, 7) kernel and one σ drawn uniformly from [0.2, 5] per batch (torchvision's ``GaussianBlur``); of each
     batch the ``NOISE_KEPT`` images with the largest −logsumexp of the logits (the official ``topk`` of the
     negated energy) are kept; the prototype is the mean of their penultimate features. Seeded."""
+    from torchvision.transforms.functional import gaussian_blur  # here: importing torchvision costs seconds
+
     generator = torch.Generator().manual_seed(seed)
     kept = []
     for _ in range(-(-NOISE_IMAGES // NOISE_BATCH)):
         images = torch.rand((NOISE_BATCH, *image_shape), generator=generator, dtype=torch.float64)
         sigma = torch.empty(1).uniform_(*NOISE_SIGMA, generator=generator).item()  # GaussianBlur.get_params
-        images = TF.gaussian_blur(images, list(NOISE_KERNEL), [sigma, sigma]).to(device, dtype)
+        images = gaussian_blur(images, list(NOISE_KERNEL), [sigma, sigma]).to(device, dtype)
         features, logits = features_and_logits(model, images)
         kept.append(features[(-logits.logsumexp(1)).topk(NOISE_KEPT).indices])
     return torch.cat(kept).mean(0)
