@@ -22,6 +22,7 @@ from utils import cli
 from utils.checkpoints import load_model
 from utils.coverage import fit_record, score_record
 from utils.data import (
+    IMAGENET_OOD_DATASETS,
     IN_DATASETS,
     OOD_DATASETS,
     OOD_GROUPS,
@@ -31,6 +32,8 @@ from utils.data import (
     ood_group,
     ood_test_set,
 )
+from utils.data.imagenet import CLASS_ORDER_KEY
+from utils.data.transforms import InputTransform
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector, get_detector, gradient_scores, rows_per_sample
 from utils.energy import energy_score
 from utils.errors import UserError
@@ -58,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
     (``track_gradient_original.py`` is the confounding label)."""
     parser.add_argument("--name", required=True, help="the run name the model was trained under")
     parser.add_argument("--dataset", required=True,
-                        help=f"the data set to track: one of {', '.join(IN_DATASETS + OOD_DATASETS)}, a near-OOD "
-                             "set (heldout for a digits split, the other CIFAR for CIFAR); 'near', 'far' or 'all' "
+                        help="the data set to track: one of "
+                             f"{', '.join(IN_DATASETS + OOD_DATASETS + IMAGENET_OOD_DATASETS)}, a near-OOD set "
+                             "(heldout for a digits split, the other CIFAR for CIFAR); 'near', 'far' or 'all' "
                              "for every near-, far- or any OOD set whose data is present; "
                              f"'{TRAIN_SPLIT}' for a seeded subset of --limit (default {DEFAULT_TRAIN_SAMPLES:,}) "
                              "images of the in-distribution training split, without augmentation (what the "
@@ -260,6 +264,8 @@ def main(args: argparse.Namespace) -> None:
     model, meta = load_model(args.in_dataset, args.name, args.epoch, device, args.checkpoint_root, args.model_arch)
     _warn_on_a_loss_mismatch(meta.get("loss"), detectors[0].script)
     model_info = {key: meta[key] for key in (*MODEL_KEYS, CHECKPOINT_HASH_KEY)}
+    refuse_every_layer_rows(detectors, meta["num_classes"], args.batch_size)
+    transform, in_options = model_data_options(meta)
     if args.dataset in OOD_GROUPS:
         group = ood_group(args.dataset, args.in_dataset)
         names = [name for name in group if dataset_available(name, args.data_root)]
@@ -271,15 +277,17 @@ def main(args: argparse.Namespace) -> None:
                             "has heldout, CIFAR-10 and CIFAR-100 each other).")
     else:
         names = [args.dataset if args.dataset == TRAIN_SPLIT else check_dataset_name(args.dataset)]
-    datasets = {name: training_subset(args.in_dataset, args.data_root, args.limit) if name == TRAIN_SPLIT
-                else get_dataset(name, args.data_root) if name == args.in_dataset
-                else ood_test_set(name, args.in_dataset, args.data_root) for name in [args.in_dataset, *names]}
+    datasets = {name: training_subset(args.in_dataset, args.data_root, args.limit, **in_options) if name == TRAIN_SPLIT
+                else get_dataset(name, args.data_root, **in_options) if name == args.in_dataset
+                else ood_test_set(name, args.in_dataset, args.data_root, transform)
+                for name in [args.in_dataset, *names]}
     fitted = [d for d in detectors if d.fits_on_training and TRAIN_SPLIT not in names and not _is_current(
         gradient_path(args.in_dataset, args.name, d.name, TRAIN_SPLIT, args.gradient_root), model_info, None,
         d.options())]
     if fitted:  # NAC-UE's fit data, of any size: tracked first when missing or of another checkpoint
-        track_and_save(model, model_info, TRAIN_SPLIT, training_subset(args.in_dataset, args.data_root, args.limit),
-                       fitted, args, device, workers, only_if_stale=False)
+        track_and_save(model, model_info, TRAIN_SPLIT,
+                       training_subset(args.in_dataset, args.data_root, args.limit, **in_options), fitted, args, device,
+                       workers, only_if_stale=False)
     if TRAIN_SPLIT in names and any(d.fits_on_training for d in detectors):
         datasets = {TRAIN_SPLIT: datasets.pop(TRAIN_SPLIT), **datasets}  # the fit before the sets scored under it
     for name, dataset in datasets.items():
@@ -287,10 +295,46 @@ def main(args: argparse.Namespace) -> None:
                        only_if_stale=name == args.in_dataset)
 
 
-def training_subset(in_dataset: str, data_root: str, limit: int | None) -> Dataset:
+def model_data_options(meta: dict) -> tuple[InputTransform, dict]:
+    """What the data sets need to know of the model in ``meta``: its input transform (every set of image files
+    applies it), and the options of its in-distribution set: the transform and, where the checkpoint records one,
+    its class order (the labels follow it: BiT's ImageNet head)."""
+    transform = InputTransform.from_meta(meta)
+    options = {"transform": transform}
+    if meta.get(CLASS_ORDER_KEY) is not None:
+        options[CLASS_ORDER_KEY] = meta[CLASS_ORDER_KEY]
+    return transform, options
+
+
+ROWS_AT_ONCE = 256
+"""The most gradients one image's rows may back-propagate at once when they exceed ``--batch-size`` (the default
+batch; CIFAR-100's 100 per-class rows fit): a batch then holds that one image."""
+
+
+def refuse_every_layer_rows(detectors: list[Detector], num_classes: int, batch_size: int) -> None:
+    """Refuse, before any work, detectors that back-propagate more rows per image than both ``--batch-size`` and
+    ``ROWS_AT_ONCE`` (the K per-class gradients of min/max/exgrad/all through every layer, with K = 1,000 on
+    ImageNet): one image's rows alone would hold many times the gradients of the batch the option bounds memory
+    by, and cost K backward passes' worth of work per image."""
+    rows = rows_per_sample(detectors, num_classes)
+    if rows <= max(batch_size, ROWS_AT_ONCE):
+        return
+    names = ", ".join(d.name for d in detectors if not d.last_layer_only)
+    raise UserError(f"{names} through every layer back-propagates {rows:,} gradients per image ({num_classes:,} "
+                    f"classes): one image alone holds {rows:,} rows of activation gradients at once, more than "
+                    f"--batch-size={batch_size} allows (about {rows / batch_size:.0f}x the memory of a training step "
+                    f"of {batch_size} images), and each image costs about {rows:,} backward passes' work (on "
+                    f"ImageNet's 50,000 images, {rows * 50_000:.1e} image-backward passes). Run --layers last (every "
+                    f"detector's last-layer score in closed form, at the speed of a forward pass), or --score=pred or "
+                    f"--score=gradnorm (one gradient per image through every layer), or pass --batch-size={rows} or "
+                    f"more to accept that memory.")
+
+
+def training_subset(in_dataset: str, data_root: str, limit: int | None, **options) -> Dataset:
     """``limit`` (default ``DEFAULT_TRAIN_SAMPLES``) images of ``in_dataset``'s training split without
-    augmentation, drawn without replacement with seed ``TRAIN_SUBSET_SEED``, in index order."""
-    full = get_dataset(in_dataset, data_root, train=True, augment=False)
+    augmentation, drawn without replacement with seed ``TRAIN_SUBSET_SEED``, in index order; ``options`` go to
+    ``get_dataset`` (the model's transform and class order)."""
+    full = get_dataset(in_dataset, data_root, train=True, augment=False, **options)
     count = min(limit or DEFAULT_TRAIN_SAMPLES, len(full))
     indices = np.sort(np.random.default_rng(TRAIN_SUBSET_SEED).choice(len(full), count, replace=False))
     return Subset(full, indices.tolist())

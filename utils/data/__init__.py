@@ -16,11 +16,13 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from utils.data import bundled, cifar, folders, splits, svhn, synthetic, tinyimages
+from utils.data import bundled, cifar, folders, imagenet, splits, svhn, synthetic, tinyimages
+from utils.data.transforms import CIFAR, InputTransform
 from utils.errors import DataNotFoundError, UserError
 
-IN_DATASETS = ("CIFAR-10", "CIFAR-100", "digits")
+IN_DATASETS = ("CIFAR-10", "CIFAR-100", "digits", imagenet.NAME)
 OOD_DATASETS = ("SVHN", "dtd", "places365", "LSUN", "LSUN_resize", "iSUN", "gaussian", "rademacher", "blobs")
+IMAGENET_OOD_DATASETS = imagenet.OOD_SETS  # iNaturalist, SUN, Places: ImageNet's far-OOD sets with dtd
 AUX_DATASETS = ("tinyimages", "random300k", "sample_photos")
 
 OOD_GROUPS = ("near", "far", "all")
@@ -39,13 +41,14 @@ class _WithSplits(dict):
         return self.value(name)
 
 
-NUM_CLASSES = _WithSplits({"CIFAR-10": 10, "CIFAR-100": 100, "digits": 10},
+NUM_CLASSES = _WithSplits({"CIFAR-10": 10, "CIFAR-100": 100, "digits": 10, imagenet.NAME: imagenet.NUM_CLASSES},
                           lambda name: len(splits.known_classes(name)))
 # (mean, std) per channel of the training images; a digits split keeps those of the whole digits training split
 NORMALIZATION = _WithSplits({
     "CIFAR-10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "CIFAR-100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "digits": bundled.DIGITS_NORMALIZATION,
+    imagenet.NAME: imagenet.NORMALIZATION,
 }, lambda name: bundled.DIGITS_NORMALIZATION)
 
 
@@ -61,12 +64,12 @@ def _synthetic(kind: str, data_root: Path, *, num_samples: int = 10_000, seed: i
     return synthetic.Synthetic(kind, num_samples, seed)
 
 
-def _folder(name: str, data_root: Path) -> Dataset:
-    return folders.ImageFiles(folders.folder_images(name, data_root))
+def _folder(name: str, data_root: Path, *, transform: InputTransform = CIFAR) -> Dataset:
+    return folders.ImageFiles(folders.folder_images(name, data_root), transform)
 
 
-def _places(data_root: Path) -> Dataset:
-    return folders.ImageFiles(folders.places_images(data_root))
+def _places(data_root: Path, *, transform: InputTransform = CIFAR) -> Dataset:
+    return folders.ImageFiles(folders.places_images(data_root), transform)
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,11 @@ _SOURCES: dict[str, _Source] = {
     "tinyimages": _Source(tinyimages.build_tiny, tinyimages.locate_tiny),
     "random300k": _Source(tinyimages.build_random300k, tinyimages.locate_random300k),
     "sample_photos": _Source(_sample_photos),
+    imagenet.NAME: _Source(imagenet.build, imagenet.locate),
+    **{name: _Source(partial(imagenet.build_ood, name), partial(imagenet.ood_images, name))
+       for name in IMAGENET_OOD_DATASETS},
 }
-assert set(_SOURCES) == set(IN_DATASETS + OOD_DATASETS + AUX_DATASETS)
+assert set(_SOURCES) == set(IN_DATASETS + OOD_DATASETS + IMAGENET_OOD_DATASETS + AUX_DATASETS)
 
 
 def _folded(name: str) -> str:
@@ -110,7 +116,8 @@ def check_dataset_name(name: str) -> str:
         return splits.HELDOUT
     if _folded(name) not in _BY_FOLDED:
         raise UserError(f"unknown data set {name!r}. Known: in-distribution {', '.join(IN_DATASETS)}; OOD "
-                        f"{', '.join(OOD_DATASETS)}; auxiliary {', '.join(AUX_DATASETS)}; a digits open-set split "
+                        f"{', '.join(OOD_DATASETS + IMAGENET_OOD_DATASETS)}; "
+                        f"auxiliary {', '.join(AUX_DATASETS)}; a digits open-set split "
                         f"such as digits-012345 (in-distribution) with its near-OOD set {splits.HELDOUT}; "
                         "CIFAR-10 and CIFAR-100 are near-OOD sets of each other.")
     return _BY_FOLDED[_folded(name)]
@@ -137,7 +144,8 @@ def _source(name: str) -> _Source:
     return _SOURCES[name]
 
 
-def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = False, **options) -> Dataset:
+def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = False,
+                transform: InputTransform | None = None, **options) -> Dataset:
     """The data set ``name`` (one of ``IN_DATASETS``, ``OOD_DATASETS``, ``AUX_DATASETS``) under ``data_root``.
 
     ``train`` picks the training split and its augmentation for in-distribution sets, and the augmentation
@@ -145,6 +153,9 @@ def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = Fal
     ``gaussian``, ``rademacher``, ``blobs`` and ``sample_photos``; ``augment=False`` for the
     in-distribution sets (their training split without augmentation, as gradient tracking reads it). A
     missing file raises ``DataNotFoundError`` (a ``UserError``) that says where the file belongs and where to get it.
+    ``transform`` is the model's input transform (``utils.data.transforms``; None: the set's default), applied by
+    the sets of image files; the sets stored or generated at 32×32 accept CIFAR's only. ``ImageNet`` also takes
+    ``class_order``, the model's wnid of each class (labels follow it).
     """
     if splits.is_digits_split(name) and name == splits.split_name(name):
         return splits.digits_split(name, train, **_checked(name, options, ("augment",)))
@@ -152,7 +163,12 @@ def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = Fal
     accepted = [parameter.name for parameter in inspect.signature(source.build).parameters.values()
                 if parameter.kind is parameter.KEYWORD_ONLY]
     options = _checked(name, options, accepted)
-    if name in OOD_DATASETS:
+    if transform is not None and "transform" in accepted:
+        options["transform"] = transform
+    elif transform not in (None, CIFAR):
+        raise UserError(f"{name} is stored or generated as 32x32 images; this model takes images through "
+                        f"{transform} (its checkpoint's input transform). Track a set of image files instead.")
+    if name in OOD_DATASETS + IMAGENET_OOD_DATASETS:
         if train:
             raise UserError(f"{name} is an OOD test set; it has no training split (train=True).")
         return source.build(Path(data_root), **options)
@@ -166,12 +182,14 @@ def _checked(name: str, options: dict, accepted: list[str] | tuple[str, ...]) ->
     return options
 
 
-def ood_test_set(name: str, in_dataset: str, data_root: str | Path = "datasets") -> Dataset:
-    """OOD set ``name`` as tracked against ``in_dataset``: one of ``OOD_DATASETS``; ``heldout``, the unknown
-    classes' test images of a digits split; or the other CIFAR's test split for CIFAR (near-OOD). Every label
-    is -1. Another pairing is a ``UserError``."""
-    if name in OOD_DATASETS:
-        return get_dataset(name, data_root)
+def ood_test_set(name: str, in_dataset: str, data_root: str | Path = "datasets",
+                 transform: InputTransform | None = None) -> Dataset:
+    """OOD set ``name`` as tracked against ``in_dataset``: one of ``OOD_DATASETS`` or ``IMAGENET_OOD_DATASETS``;
+    ``heldout``, the unknown classes' test images of a digits split; or the other CIFAR's test split for CIFAR
+    (near-OOD). Every label is -1; ``transform`` is the model's (``get_dataset``). Another pairing is a
+    ``UserError``."""
+    if name in OOD_DATASETS + IMAGENET_OOD_DATASETS:
+        return get_dataset(name, data_root, transform=transform)
     if name in splits.near_ood(in_dataset):
         return splits.heldout(in_dataset) if name == splits.HELDOUT else splits.AsOOD(get_dataset(name, data_root))
     raise UserError(f"{name} is not an OOD set of {in_dataset}: its near-OOD sets are "
@@ -180,8 +198,10 @@ def ood_test_set(name: str, in_dataset: str, data_root: str | Path = "datasets")
 
 def ood_group(group: str, in_dataset: str) -> tuple[str, ...]:
     """The OOD sets of ``group`` for ``in_dataset``: ``near`` (semantic shift: ``splits.near_ood``), ``far`` (the
-    other sets, ``OOD_DATASETS``) or ``all`` (both), whether or not their data is present."""
-    near, far = splits.near_ood(in_dataset), OOD_DATASETS
+    other sets: ``OOD_DATASETS``; for ImageNet GradNorm's iNaturalist, SUN, Places and dtd) or ``all`` (both),
+    whether or not their data is present."""
+    near = splits.near_ood(in_dataset)
+    far = imagenet.FAR_OOD if in_dataset == imagenet.NAME else OOD_DATASETS
     return {"near": near, "far": far, "all": near + far}[group]
 
 

@@ -1,16 +1,18 @@
 """OOD test sets stored as image files: Textures (dtd), Places365, LSUN-C, LSUN-R and iSUN.
 
-Every image goes through Resize(32) + CenterCrop(32) + ToTensor as RGB, the test transform of ATOM's
-``eval_ood_detection.py`` for all of these sets (for the 36x36 LSUN-C images the resize does the work
-and the crop is a no-op; the 32x32 LSUN-R and iSUN images pass unchanged).
+Every image goes through the model's input transform as RGB (``utils.data.transforms``). For CIFAR models, the
+default, that is Resize(32) + CenterCrop(32) + ToTensor, the test transform of ATOM's ``eval_ood_detection.py``
+for all of these sets (for the 36x36 LSUN-C images the resize does the work and the crop is a no-op; the 32x32
+LSUN-R and iSUN images pass unchanged).
 """
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
 from utils.data.common import NO_LABEL, not_found
-from utils.data.transforms import CIFAR
+from utils.data.transforms import CIFAR, InputTransform
 from utils.errors import DataNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
@@ -38,21 +40,18 @@ PLACES_SOURCE = ("Get the Places365 test images (test_256.tar) from http://place
                  "(https://github.com/jfc43/informative-outlier-mining, "
                  "datasets/ood_datasets/places365/test_subset/places365_test_list.txt).")
 
-TRANSFORM = CIFAR.compose()
-
-
 class ImageFiles(Dataset):
-    """Image files in a fixed order, each as an RGB ``TRANSFORM`` tensor with label -1 (OOD)."""
+    """Image files in a fixed order, each as an RGB tensor through ``transform`` with label -1 (OOD)."""
 
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
+    def __init__(self, paths: list[Path], transform: InputTransform = CIFAR):
+        self.paths, self.transform = paths, transform.compose()
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         with Image.open(self.paths[index]) as image:
-            return TRANSFORM(image.convert("RGB")), NO_LABEL
+            return self.transform(image.convert("RGB")), NO_LABEL
 
 
 def find_images(folder: Path) -> list[Path]:
