@@ -85,7 +85,7 @@ def test_std_conv2d_standardises_per_output_channel():
     torch.testing.assert_close(conv(x), nn.functional.conv2d(x, w_hat, padding=1))
 
 
-@pytest.mark.parametrize("score", ["pred", "gradnorm", "max"])
+@pytest.mark.parametrize("score", ["pred", "gradnorm", pytest.param("max", marks=pytest.mark.slow)])
 def test_every_tracked_layer_of_a_reduced_bit_equals_the_float64_loop(score):
     """Every StdConv2d (7x7 root, 1x1 bottleneck and shortcut, 3x3 strided) and the 1x1-conv head: the engine's
     per-sample norm of the raw weight's gradient equals ``p.grad`` of a batch of one, float64."""

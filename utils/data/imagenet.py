@@ -7,10 +7,12 @@
   (``utils.released``). ``train=True`` reads ``imagenet/train/<wnid>/*.JPEG`` the same way (the fit data of
   ``--dataset train``; ImageNet models are imported, not trained here, so there is no augmentation).
 * ``iNaturalist``, ``SUN``, ``Places`` — MOS's curated 10,000-image subsets, images at any depth below
-  ``ood_datasets/<name>/``, in sorted path order; Textures is the whole of DTD (``dtd``, ``utils.data.folders``).
+  ``ood_datasets/<name>/``, in ImageFolder's order (``imagefolder_order``: GradNorm reads them with
+  ``ImageFolder(args.out_datadir)``); Textures is the whole of DTD (``dtd``, ``utils.data.folders``).
 
 Every image goes through the model's input transform (``utils.data.transforms``; BiT: Resize((480, 480))).
 """
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.data.common import not_found
-from utils.data.folders import ImageFiles, find_images
+from utils.data.folders import IMAGE_EXTENSIONS, ImageFiles
 from utils.data.transforms import IMAGENET_V1, InputTransform
 from utils.errors import DataNotFoundError, UserError
 
@@ -49,12 +51,23 @@ class LabeledImageFiles(ImageFiles):
             return self.transform(image.convert("RGB")), self.labels[index]
 
 
+def imagefolder_order(folder: Path) -> list[Path]:
+    """Every image at any depth below ``folder`` in the order ``torchvision.datasets.ImageFolder(folder)`` reads
+    them: its class folders by name, in each the folders as ``sorted(os.walk(...))`` lists them and their files
+    sorted by name; images directly in ``folder`` (which ImageFolder would not read) come first."""
+    images = sorted(path for path in folder.iterdir() if path.is_file())
+    for sub in sorted(path for path in folder.iterdir() if path.is_dir()):
+        for root, _, files in sorted(os.walk(sub, followlinks=True)):
+            images += [Path(root) / name for name in sorted(files)]
+    return [path for path in images if path.suffix.lower() in IMAGE_EXTENSIONS]
+
+
 def class_folders(split_dir: Path) -> list[Path]:
     """The class folders of an ImageFolder split, sorted by name (ImageFolder's class indices)."""
     return sorted(path for path in split_dir.iterdir() if path.is_dir())
 
 
-def build(data_root: Path, train: bool, *, augment: bool = False, transform: InputTransform = IMAGENET_V1,
+def build(data_root: Path, train: bool, *, augment: bool = True, transform: InputTransform = IMAGENET_V1,
           class_order: Sequence[str] | None = None) -> Dataset:
     """The validation (or training) images of ImageNet-1K, labelled in ``class_order`` (None: sorted wnids)."""
     if train and augment:
@@ -78,7 +91,7 @@ def build(data_root: Path, train: bool, *, augment: bool = False, transform: Inp
                                 f"hold one folder per ImageNet-1K wnid. {IMAGENET_SOURCE}")
     paths, labels = [], []
     for folder in folders:
-        images = find_images(folder)
+        images = imagefolder_order(folder)
         paths += images
         labels += [index[folder.name]] * len(images)
     if not paths:
@@ -94,12 +107,12 @@ def locate(data_root: Path) -> Path:
 
 
 def ood_images(name: str, data_root: Path) -> list[Path]:
-    """The images of MOS's OOD set ``name`` (one of ``OOD_SETS``) at any depth, sorted by path."""
+    """The images of MOS's OOD set ``name`` (one of ``OOD_SETS``) at any depth, in ImageFolder's order."""
     folder = data_root / "ood_datasets" / name
     source = MOS_SOURCE.format(ood=data_root / "ood_datasets")
     if not folder.is_dir():
         raise not_found(name, folder, "It should hold the set's 10,000 images at any depth.", source)
-    images = find_images(folder)
+    images = imagefolder_order(folder)
     if not images:
         raise DataNotFoundError(f"{name}: {folder} holds no images. {source}")
     return images
