@@ -32,9 +32,9 @@ CLASS_ORDER_KEY = "class_order"  # in a checkpoint's meta: the wnid of each outp
 IMAGENET_SOURCE = ("Get ILSVRC2012_img_val.tar (and ILSVRC2012_img_train.tar for --dataset train) from "
                    "https://image-net.org/download.php (a free account) and sort the validation images into one "
                    "folder per wnid, e.g. with the valprep.sh of https://github.com/soumith/imagenetloader.torch.")
-MOS_SOURCE = ("MOS's curated subsets (Huang & Li, CVPR 2021): the download links of "
-              "https://github.com/deeplearning-wisc/large_scale_ood (iNaturalist.tar.gz, SUN.tar.gz, Places.tar.gz); "
-              "unpack each in {ood}.")
+MOS_SOURCE = ("MOS's curated subsets (Huang & Li, CVPR 2021; https://github.com/deeplearning-wisc/large_scale_ood): "
+              "download http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset/<name>.tar.gz (iNaturalist, SUN, "
+              "Places) and unpack it in {ood}.")
 OOD_SETS = ("iNaturalist", "SUN", "Places")
 FAR_OOD = (*OOD_SETS, "dtd")  # GradNorm's Table 1: iNaturalist, SUN, Places, Textures
 
