@@ -83,9 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                             help="ODIN's perturbation step on [0, 1] images (the official code's: it divides its "
                                  "step on normalised images by the std); 0.0014 in OpenOOD's CIFAR config")
     parser.add_argument("--layers", choices=("all", "last"), default="all",
-                        help="last: track only the last Linear layer, from the penultimate features with no backward "
-                             "pass (GradNorm's and ExGrad's paper scores at the speed of a forward pass); its files "
-                             "go to <detector>-last/")
+                        help="last: track only the head (a Linear layer, or a 1x1 convolution on a 1x1 map as BiT's), "
+                             "from the penultimate features with no backward pass (GradNorm's and ExGrad's paper "
+                             "scores at the speed of a forward pass; min/max/exgrad in closed form); its files go to "
+                             "<detector>-last/")
     cli.add_in_dataset(parser)
     parser.add_argument("--epoch", type=int, help="the checkpoint's epoch (default: the last)")
     parser.add_argument("--model-arch", choices=ARCHS,

@@ -1,7 +1,8 @@
 """Every data set of the project by name: ``get_dataset(name, data_root, train)``.
 
-Items are ``(image, label)``: a float32 tensor of shape 3x32x32 in [0, 1] (models normalise inside
-themselves) and an int, -1 for every OOD and auxiliary set. ``train=False`` is deterministic. Paths are
+Items are ``(image, label)``: a float32 tensor in [0, 1] (models normalise inside themselves) of shape
+3x32x32, or for the sets of image files that of the model's input transform (``transform``; ImageNet's sets,
+``utils.data.imagenet``), and an int, -1 for every OOD and auxiliary set. ``train=False`` is deterministic. Paths are
 relative to the data root (default ``datasets``); ``datasets/README.md`` says what goes where.
 
 Besides the names below, every digits open-set split ``digits-<known classes>`` is an in-distribution set
