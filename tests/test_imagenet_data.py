@@ -187,3 +187,18 @@ def test_resnet50_gradnorm_equals_openoods_postprocessor(tmp_path):
         official.append(fc.weight.grad.abs().sum().item())
     np.testing.assert_allclose(load(tmp_path, "rn", "gradnorm-last", "dtd")["total"], official, rtol=1e-4)
     np.testing.assert_allclose(load(tmp_path, "rn", "gradnorm", "dtd")["layers"]["fc.weight"], official, rtol=1e-4)
+
+
+def test_tracking_refuses_k_rows_and_a_missing_training_split_before_any_work(tmp_path, capsys):
+    torch.save(torchvision_resnet().state_dict(), tmp_path / "resnet50.pth")
+    assert run_import(tmp_path / "checkpoints", str(tmp_path / "resnet50.pth"), "--source=torchvision",
+                      "--name=rn") == 0
+    write_imagenet(tmp_path / "datasets", per_class=1)
+    for args, expected in ((("--dataset=dtd", "--score=min"), "1,000 gradients per image"),
+                           (("--dataset=train", "--score=gradnorm"), "imagenet/train not found")):
+        with pytest.raises(SystemExit) as exit_:
+            track(tmp_path, "--name=rn", *args)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "gradients").exists()
