@@ -9,7 +9,8 @@
 reads ``<gradient root>/<in-dataset>/<name>/<score or "original">/<in-dataset>.pkl`` (the ID test set) and
 the OOD set's file beside it (``--dataset all``: every other ``*.pkl`` there), prints one table per OOD set
 (and their average) — every tracked layer, ``total``, and the MSP / Energy baselines of the same samples (and,
-fit on the ``train`` file, the ``combined`` row and the Mahalanobis / KNN baselines) —
+fit on the ``train`` file, the ``combined`` row and the feature baselines: Mahalanobis, KNN, ReAct, ASH,
+SCALE, ViM, fDBD, GEN, RMDS) —
 and writes it to ``<results root>/<in-dataset>/<name>/<saved_form>[-<score>][-flip][-energy_ood]/<dataset>.json|csv``.
 
 ``--layers last`` reads the files of ``track_gradient.py --layers=last`` (``<score>-last/``) instead.
@@ -18,6 +19,10 @@ named after one) and prints one row per detector, its headline score, and the ba
 and their average, sorted by average AUROC; written to ``.../<name>/compare[-flip][-energy_ood]/comparison.json|csv``.
 ``--plot`` draws each tracked layer's AUROC against its depth (``layers.png``; with ``--compare`` one per
 detector, ``<detector>_layers.png``).
+``--benchmark=openood`` reads the files of ``track_gradient.py --benchmark=openood`` (under
+``<gradient root>/openood/``; results under ``<results root>/openood/``), takes OpenOOD's set names, and
+``--compare`` prints beside our table OpenOOD's form: AUROC and FPR@95 with OOD as the positive class per set
+and the near / far plain means (``openood.json|csv`` beside ``comparison.json|csv``).
 ``--protocol=energy_ood`` evaluates as energy_ood's and Outlier Exposure's ``test.py`` (10 seeded draws of a
 fifth of the ID set's size from each OOD set, mean ± std); ``--ood-positive`` adds OpenOOD's FPR95 (OOD+).
 
@@ -29,10 +34,21 @@ for ID, each detector's sign from ``utils/detectors/``: −norm for ``norm_singl
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from utils import cli
 from utils.combine import SHRINKAGE
-from utils.compare import comparison_table, format_comparison, saved_form_of, tracked_detectors, write_comparison
-from utils.data import check_dataset_name
+from utils.compare import (
+    comparison_table,
+    format_comparison,
+    format_openood,
+    openood_table,
+    saved_form_of,
+    tracked_detectors,
+    write_comparison,
+    write_openood,
+)
+from utils.data import DEFAULT_BENCHMARK, OOD_GROUPS, check_dataset_name, ood_group, resolve
 from utils.detectors import TRACK_GRADIENT_SCORES, Detector
 from utils.errors import UserError
 from utils.gradients import gradient_path, ood_dataset_names
@@ -52,7 +68,7 @@ from utils.tables import (
     write_table,
 )
 from utils.tracking import TRAIN_SPLIT
-from utils.train_fits import baseline_distances, combined_fit, distances, feature_fit
+from utils.train_fits import baseline_values, combined_fit, distances, feature_fit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="last: the files of track_gradient.py --layers=last (the last layer only, in "
                              "<detector>-last/)")
     cli.add_in_dataset(parser)
+    cli.add_benchmark(parser)
     parser.add_argument("--compare", action="store_true",
                         help="one table of every detector tracked for the model (its headline score) and the "
                              "MSP / Energy baselines, per OOD set and their average")
@@ -88,7 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "test.py, 10 random subsets of each OOD set of a fifth of the ID set's size, mean ± std")
     parser.add_argument("--seed", type=int, default=1, help="the seed of --protocol=energy_ood's draws")
     parser.add_argument("--ood-positive", action="store_true",
-                        help="add FPR95 (OOD+): OOD the positive class, as OpenOOD and OE report it")
+                        help="add FPR95 (OOD+): OOD the positive class, as OpenOOD and OE report it (always with "
+                             "--benchmark=openood)")
     parser.add_argument("--gpu", help="accepted for symmetry with the other scripts; metrics run on the CPU")
     cli.add_roots(parser, "gradient", "results")
     args = parser.parse_args(argv)
@@ -103,11 +121,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--score does not apply to --saved_form=original_single (one confounding-label gradient "
                      "per sample); leave it out")
     if args.dataset not in ("all", TRAIN_SPLIT):
-        args.dataset = check_dataset_name(args.dataset)  # a UserError for an unknown name, before any file is read
+        # a UserError for an unknown name, before any file is read
+        args.dataset = check_dataset_name(args.dataset, args.benchmark)
+    if args.benchmark != DEFAULT_BENCHMARK and args.dataset != "all":
+        args.dataset = resolve(args.dataset, args.in_dataset, args.benchmark).name  # OpenOOD's cifar10: CIFAR-10
     if args.dataset in (args.in_dataset, TRAIN_SPLIT):
         parser.error(f"--dataset={args.dataset} is the in-distribution set (its test split, or the training split "
                      "the combined row is fit on); name an OOD set or 'all'")
-    return args
+    if args.benchmark != DEFAULT_BENCHMARK:
+        args.ood_positive = True  # OpenOOD's FPR@95
+    return cli.on_benchmark(args, "gradient", "results")
 
 
 def plot_table(table: dict, id_record: dict, ood_record: dict, sign: int, folder: Path) -> list[Path]:
@@ -140,7 +163,8 @@ def results_folder(args: argparse.Namespace) -> Path:
 
 
 def protocol_of(args: argparse.Namespace) -> Protocol:
-    return Protocol(args.protocol, seed=args.seed, ood_positive=args.ood_positive)
+    return Protocol(args.protocol, seed=args.seed, ood_positive=args.ood_positive,
+                    openood=args.benchmark != DEFAULT_BENCHMARK)
 
 
 def report(table: dict, written: list[Path]) -> None:
@@ -159,7 +183,7 @@ def per_layer_tables(args: argparse.Namespace) -> None:
     fit, baselines = combined_fit(args, train_record), feature_fit(args, train_record)
     sign = score_sign(args.saved_form, args.score, args.flip)
     folder = results_folder(args)
-    combined, features = distances(fit, id_record, ood_records), baseline_distances(baselines, id_record, ood_records)
+    combined, features = distances(fit, id_record, ood_records), baseline_values(baselines, id_record, ood_records)
     tables = []
     for dataset, ood_record in ood_records.items():
         table = detection_table(id_record, ood_record, args.saved_form, args.score, args.flip,
@@ -236,7 +260,7 @@ def compare(args: argparse.Namespace) -> None:
         baselines = feature_fit(args, train_record) if detector is detectors[0] else None  # shown once, as MSP's
         only = None if args.plot else [detector.headline_row(list(id_record["layers"]))]
         combined = distances(fit, id_record, ood_records)
-        features = baseline_distances(baselines, id_record, ood_records)
+        features = baseline_values(baselines, id_record, ood_records)
         tables[detector.name] = [detection_table(id_record, ood_record, saved_form, score, args.flip,
                                                  combined=combined[dataset], protocol=protocol, only=only,
                                                  features=features[dataset])
@@ -245,7 +269,14 @@ def compare(args: argparse.Namespace) -> None:
             written.append(plot_layers(tables[detector.name], folder / f"{detector.name}_layers.png"))
     table = comparison_table(tables)
     print(format_comparison(table))
-    print("".join(f"wrote {path}\n" for path in write_comparison(table, folder / "comparison") + written))
+    written = write_comparison(table, folder / "comparison") + written
+    if args.benchmark != DEFAULT_BENCHMARK:
+        accuracy = 100 * float(np.mean(first_id["pred"] == first_id["label"]))
+        form = openood_table(table, {group: ood_group(group, args.in_dataset, args.benchmark)
+                                     for group in OOD_GROUPS if group != "all"}, accuracy)
+        print("\n" + format_openood(form))
+        written += write_openood(form, folder / "openood")
+    print("".join(f"wrote {path}\n" for path in written))
 
 
 def main(argv: list[str] | None = None) -> None:

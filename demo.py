@@ -22,17 +22,19 @@ from pathlib import Path
 
 import torch
 
-from utils.runtime import get_device, run_script
+from utils.demo_reference import format_check, load_reference, run_values
+from utils.runtime import describe_kernels, get_device, pinned_kernel_env, run_script
 
 IN_DATASET = "digits-012345"  # 6 known classes, 4 unknown: the ratio of Neal et al.'s MNIST splits
 OOD_SETS = ("heldout", "gaussian", "rademacher", "blobs")  # near-OOD first
 ROOT = Path(__file__).resolve().parent
+ENV = pinned_kernel_env()  # the thread count and kernels the documented numbers were computed with
 
 
 def run(script: str, *args: str) -> None:
     command = [sys.executable, str(ROOT / script), *args]
     print(f"\n$ python {script} {' '.join(args)}", flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
+    subprocess.run(command, check=True, cwd=ROOT, env=ENV)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="demo_output", help="folder for checkpoints/, gradients/, results/")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer epochs and samples")
     parser.add_argument("--gpu", default="0", help="CUDA device; falls back to the CPU when CUDA is absent")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="the trainings' seed (1: the documented run; bench/demo_spread.py runs several)")
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -48,9 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     # Without CUDA, say so here once rather than in each of the scripts, and ask them for the CPU.
     gpu = args.gpu if get_device(args.gpu).type == "cuda" else "-1"
     common = [f"--in-dataset={IN_DATASET}", f"--gpu={gpu}"]
-    # Training is bit-identical run to run at the same thread count, and changes with it: say which.
-    print(f"demo: {IN_DATASET} on {'cuda:' + gpu if gpu != '-1' else 'the CPU'}, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads (OMP_NUM_THREADS sets it; numbers differ with it)", flush=True)
+    seed = [f"--seed={args.seed}"]
+    # Training is bit-identical run to run with the same threads and kernels, and changes with them: say which.
+    print(f"demo: {IN_DATASET} on {'cuda:' + gpu if gpu != '-1' else 'the CPU'}, torch {torch.__version__}, "
+          f"{describe_kernels(ENV)} (set them to change; the documented numbers are at these)", flush=True)
     # 781 training images: small batches give the few epochs enough optimizer steps.
     batches = ["--batch-size=32", "--oe-batch-size=64"]
     checkpoints, gradients, results = (f"--checkpoint-root={out / 'checkpoints'}",
@@ -63,12 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     # Energy training as in the energy paper: a cross-entropy model (lambda = 0) fine-tuned with the energy
     # loss. From scratch with the default margins, a few epochs on 781 digits do not learn the classes.
     run("train_energy.py", "--name=ce", *common, *batches, "--aux-dataset=sample_photos", "--lamb=0",
-        f"--epochs={epochs}", "--lr=0.05", checkpoints, "--overwrite")
+        f"--epochs={epochs}", "--lr=0.05", *seed, checkpoints, "--overwrite")
     run("train_energy.py", "--name=energy", *common, *batches, "--aux-dataset=sample_photos",
         f"--epochs={finetune_epochs}", f"--pretrained={out / 'checkpoints' / IN_DATASET / 'ce' / 'last.pt'}",
-        checkpoints, "--overwrite")
+        *seed, checkpoints, "--overwrite")
     run("train_original.py", "--name=bce", *common, "--batch-size=32", f"--epochs={bce_epochs}", "--lr=0.05",
-        checkpoints, "--overwrite")
+        *seed, checkpoints, "--overwrite")
     # "train": the split's training images the combined row, Mahalanobis and KNN are fit on; then the OOD
     # sets, every detector of track_gradient.py from one pass.
     for dataset in ("train", *OOD_SETS):
@@ -84,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("energy", "bce"):  # every tracked detector and the baselines in one table
         run("compute_gradient_metrics.py", f"--name={name}", "--compare", f"--in-dataset={IN_DATASET}", gradients,
             results, *plot)
+    reference = None if args.quick else load_reference()
+    if reference is not None:  # the smoke run's short recipe has no reference
+        print("\n" + format_check(run_values(out / "results", IN_DATASET), reference))
     print(f"\ndemo finished in {time.time() - start:.0f} s; everything is under {out}")
 
 

@@ -37,7 +37,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cuda_imagenet import imagenet  # noqa: E402
 from cuda_measure import exactness, tracking_speed, training_speed  # noqa: E402
 from cuda_runs import digits_epoch, paths  # noqa: E402
+from cuda_sizes import FULL, QUICK  # noqa: E402
 
 from utils.per_sample import tf32_settings  # noqa: E402
 
@@ -56,29 +57,6 @@ SECTIONS = {"exactness": "Exactness: tracked on the device vs the float64 CPU lo
             "tracking": "Tracking speed (images/s; TF32 off)", "training": "Training step speed",
             "epoch": "One epoch of train_energy.py on digits",
             "imagenet": "ImageNet-1K: ResNet-50 at 224 px, 1,000 classes (images/s; TF32 off)", "paths": "Paths"}
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """How much each section measures: ``FULL`` for the figures, ``QUICK`` for a smoke run."""
-    archs: tuple[str, ...]
-    exact_images: int              # compared against the float64 loop
-    loop_images: int               # timed through the loop
-    timed_images: int              # timed through the engine and the ceiling
-    batch_sizes: tuple[int, ...]   # rows back-propagated at once; the first is tracking's default --batch-size
-    vmap_images: int
-    vmap_batches: tuple[int, ...]  # images per vmap call
-    step_batch: tuple[int, int]    # in-distribution and outlier images per training step
-    steps: int                     # timed training steps
-    limit: int                     # digits images the training runs use (--limit)
-    tracked: int                   # images each tracking run tracks (--limit)
-
-
-FULL = Sizes(archs=("resnet20", "wrn40_2"), exact_images=32, loop_images=16, timed_images=2048,
-             batch_sizes=(256, 1024, 4096), vmap_images=512, vmap_batches=(16, 64, 256), step_batch=(128, 256),
-             steps=20, limit=1297, tracked=256)
-QUICK = Sizes(archs=("resnet20",), exact_images=4, loop_images=2, timed_images=8, batch_sizes=(256,),
-              vmap_images=4, vmap_batches=(4,), step_batch=(16, 32), steps=2, limit=32, tracked=16)
 
 
 # the report

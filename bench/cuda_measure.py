@@ -7,9 +7,10 @@ from __future__ import annotations
 import copy
 import statistics
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
+from cuda_sizes import Sizes
 from torch import nn
 from track_bench import (
     NUM_CLASSES,
@@ -28,10 +29,6 @@ import train_energy
 from utils import optim
 from utils.detectors import CONFOUNDING, DETECTORS, Detector, Scores, gradient_scores, rows_per_sample
 from utils.per_sample import tf32_mode
-
-if TYPE_CHECKING:
-    from cuda_check import Sizes
-
 
 TOLERANCE = 1e-4  # float32 against the float64 definition, as the tests hold the engine on the CPU
 TIMED = (DETECTORS["min"], CONFOUNDING)

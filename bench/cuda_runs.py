@@ -11,10 +11,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from cuda_sizes import Sizes
 
 import train_energy
 from utils import training
@@ -22,9 +22,6 @@ from utils.checkpoints import load_model
 from utils.distributed import all_reduce_sum
 from utils.gradients import gradient_path, load_gradients
 from utils.runtime import loader_workers
-
-if TYPE_CHECKING:
-    from cuda_check import Sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 

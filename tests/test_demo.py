@@ -14,6 +14,7 @@ import pytest
 from demo import IN_DATASET
 from utils.data import get_dataset, ood_test_set
 from utils.detectors import TRACK_GRADIENT_SCORES, get_detector
+from utils.feature_baselines import FEATURE_BASELINES
 from utils.gradients import gradient_path, load_gradients
 
 pytestmark = pytest.mark.slow  # minutes on two CPU cores: `pytest -m "not slow"` skips it
@@ -77,7 +78,7 @@ def test_comparison_has_every_tracked_detector_and_the_baselines(demo):
     for name, detectors in (("energy", {"min", "max", "pred", "gradnorm", "exgrad", "odin", "gaia_a", "gaia_z",
                                         "nac_ue"}), ("bce", {"original"})):
         compared = json.loads((demo / "results" / IN_DATASET / name / "compare" / "comparison.json").read_text())
-        assert {row["name"] for row in compared["rows"]} == detectors | {"MSP", "Energy", "Mahalanobis", "KNN"}
+        assert {row["name"] for row in compared["rows"]} == detectors | {"MSP", "Energy", *FEATURE_BASELINES}
         assert compared["datasets"] == [*OOD_SETS, "average"]
 
 

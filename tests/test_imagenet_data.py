@@ -65,13 +65,13 @@ def test_ood_sets_at_any_depth_and_the_far_group(tmp_path):
     for name in ("iNaturalist", "SUN", "Places"):
         assert not dataset_available(name, tmp_path)
         write_ood(tmp_path, name)
-        data = ood_test_set(name, "ImageNet", tmp_path, BIT)
+        data = ood_test_set(name, "ImageNet", tmp_path, transform=BIT)
         assert len(data) == 3 and data[0][0].shape == (3, 480, 480) and data[0][1] == -1
         official = torchvision.datasets.ImageFolder(tmp_path / "ood_datasets" / name)  # GradNorm's reader
         assert [str(p) for p in data.paths] == [path for path, _ in official.samples]
     for i in range(2):
         write_jpeg(tmp_path / "ood_datasets" / "dtd" / "images" / "banded" / f"banded_{i}.jpg", SIZES[i], i)
-    assert ood_test_set("dtd", "ImageNet", tmp_path, BIT)[0][0].shape == (3, 480, 480)
+    assert ood_test_set("dtd", "ImageNet", tmp_path, transform=BIT)[0][0].shape == (3, 480, 480)
     assert ood_test_set("dtd", "CIFAR-10", tmp_path)[0][0].shape == (3, 32, 32)  # CIFAR's default unchanged
 
 

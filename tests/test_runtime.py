@@ -1,5 +1,5 @@
 """Start-up helpers: the CPU fallback said once and plainly, progress bars only on a terminal, freed memory kept for
-reuse."""
+reuse, the pinned threads and kernels of the documented runs."""
 import io
 import platform
 import subprocess
@@ -74,3 +74,20 @@ def test_freed_memory_is_reused_rather_than_faulted_in_again():
     fresh = faults("default")
     assert fresh >= 20 * 16_000
     assert faults("keep") < fresh / 2
+
+
+def test_pinned_kernels_are_set_where_unset_and_reach_a_child(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting wins
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    env = runtime.pinned_kernel_env()
+    assert env["OMP_NUM_THREADS"] == "1"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        assert "ATEN_CPU_CAPABILITY" not in env
+        return
+    assert {key: env[key] for key in ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")} == {
+        "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert runtime.describe_kernels(env).startswith("OMP_NUM_THREADS=1 MKL_CBWR=AVX2")
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability(), "
+                            "torch.get_num_threads())"], env=env, capture_output=True, text=True, check=True)
+    assert child.stdout.split() == ["AVX2", "1"]

@@ -157,7 +157,7 @@ def test_shards_merge_into_the_single_process_file(roots, score):
         merged = load(roots, "net", score, dataset)
         assert merged.keys() == expected.keys()
         for key, value in expected.items():
-            if key in ("layers", "extra", "features"):
+            if key in ("layers", "extra", "features", "head"):
                 assert list(merged[key]) == list(value)
                 assert all(np.array_equal(merged[key][k], v) for k, v in value.items())
             elif isinstance(value, np.ndarray):

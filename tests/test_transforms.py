@@ -34,4 +34,4 @@ def test_meta_round_trip_and_default():
         assert InputTransform.from_meta({META_KEY: transform.to_meta()}) == transform
     assert InputTransform.from_meta({}) == CIFAR
     with pytest.raises(ValueError):
-        InputTransform(256, None).size
+        _ = InputTransform(256, None).size

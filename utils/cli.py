@@ -1,8 +1,9 @@
 """The command-line options several scripts share, defined once, and the help format every script uses."""
 import argparse
+from pathlib import Path
 
 from utils.checkpoints import CHECKPOINT_ROOT
-from utils.data import check_in_dataset
+from utils.data import BENCHMARKS, DEFAULT_BENCHMARK, check_in_dataset
 from utils.gradients import GRADIENT_ROOT
 from utils.runtime import default_workers
 
@@ -29,6 +30,27 @@ def add_in_dataset(parser: argparse.ArgumentParser) -> None:
                         help="the in-distribution data set the model is trained on: CIFAR-10, CIFAR-100, digits, "
                              "a digits open-set split, digits- and its known classes (e.g. digits-012345), or "
                              "ImageNet (imported models only: import_checkpoint.py)")
+
+
+def add_benchmark(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--benchmark", choices=BENCHMARKS, default=DEFAULT_BENCHMARK,
+                        help="default: this project's sets (datasets/README.md); openood: OpenOOD v1.5's image lists "
+                             "under --data-root (benchmark_imglist/, images_classic/, images_largescale/; "
+                             "docs/openood.md), its set names and groups; its gradients and results are stored "
+                             "apart, under <root>/openood/")
+
+
+def on_benchmark(args: argparse.Namespace, *names: str) -> argparse.Namespace:
+    """``args`` with each ``--<name>-root`` moved to ``benchmark_root``: where ``--benchmark``'s files live."""
+    return argparse.Namespace(**{**vars(args), **{f"{name}_root": benchmark_root(getattr(args, f"{name}_root"),
+                                                                                   args.benchmark) for name in names}})
+
+
+def benchmark_root(root: str, benchmark: str) -> str:
+    """A gradients or results root for ``benchmark``: the root itself by default, its ``openood/`` folder for
+    OpenOOD's lists, so that a set tracked from OpenOOD's list never mixes with this project's set of the same
+    name (CIFAR-100 from torchvision's files and from ``test_cifar100.txt`` are different sets)."""
+    return root if benchmark == DEFAULT_BENCHMARK else str(Path(root) / benchmark)
 
 
 def add_roots(parser: argparse.ArgumentParser, *names: str) -> None:

@@ -3,17 +3,24 @@
 ``comparison_table`` takes each detector's detection tables (``utils.tables.detection_table``, one per OOD
 set) and keeps one row per detector, its headline score (``Detector.headline_row``: ``total``, the last
 layer or an extra row such as ExGrad's ``fc.weight:L1``), its ``combined`` row where the tables have one
-(``utils.combine``: fit on training images only), and the baselines once (MSP, Energy, and where fit Mahalanobis
-and KNN, ``utils.feature_baselines``), from the first detector's files (every file stores them for the same
-samples). Its cells are the per-set tables' numbers, unchanged; the average column is ``average_table``'s.
-Rows are sorted by average AUROC.
+(``utils.combine``: fit on training images only), and the baselines once (MSP, Energy, and where fit the
+feature baselines of ``utils.feature_baselines``: Mahalanobis, KNN, ReAct, ASH, SCALE, ViM, fDBD, GEN, RMDS),
+from the first detector's files (every file stores them for the same samples). Its cells are the per-set
+tables' numbers, unchanged; the average column is ``average_table``'s. Rows are sorted by average AUROC.
+
+``openood_table`` recasts a comparison in OpenOOD v1.5's form (``--benchmark=openood``): AUROC and FPR@95
+with **OOD as the positive class** (``utils.metrics.openood_fpr95``, as OpenOOD's
+``openood/evaluators/metrics.py`` computes it) per set, and the near- and far-OOD figures as plain means over the
+group's sets, as its evaluator takes them.
 """
 from pathlib import Path
+
+import numpy as np
 
 from utils.combine import COMBINED_ROW
 from utils.detectors import DETECTORS, Detector
 from utils.feature_baselines import FEATURE_BASELINES
-from utils.metrics import OOD_POSITIVE_FPR
+from utils.metrics import OOD_POSITIVE_FPR, OPENOOD_FPR
 from utils.tables import (
     METRIC_TITLES,
     RAW_VALUES_CONVENTION,
@@ -24,6 +31,8 @@ from utils.tables import (
     write_json_and_csv,
 )
 
+OPENOOD_SHOWN = (OPENOOD_FPR, "AUROC")  # OpenOOD's table: FPR@95 (OOD positive, as its evaluator), AUROC
+OPENOOD_TITLES = {OPENOOD_FPR: "FPR@95", "AUROC": "AUROC"}
 SHOWN = ("FPR95", "AUROC")  # printed per OOD set (and FPR95 (OOD+) where asked); the CSV/JSON hold every metric
 CSV_KEYS = ("name", "kind", "row", "score", "ood_dataset")
 
@@ -65,6 +74,7 @@ def comparison_table(tables: dict[str, list[dict]]) -> dict:
     baselines = [row["row"] for row in columns[source][0]["rows"] if row["kind"] == "baseline"]  # MSP, Energy, …
     entries += [_entry(name, "baseline", name, columns[source]) for name in baselines]
     entries.sort(key=lambda entry: -entry["results"][last]["AUROC"])
+    fitted = [name for name in baselines if name in FEATURE_BASELINES]
     norms = {name: per_set[0]["norm"] for name, per_set in tables.items()}
     return {"in_dataset": first["in_dataset"], "model": first["model"], "flip": first["flip"],
             "num_id": first["num_id"], "datasets": [t["ood_dataset"] for t in columns[source]],
@@ -76,8 +86,8 @@ def comparison_table(tables: dict[str, list[dict]]) -> dict:
             "conventions": (*(line for line in first["conventions"] if line != RAW_VALUES_CONVENTION),
                             "Each detector by its headline row (its paper's score); --flip applies to them only.",
                             f"MSP and Energy from the files of detector {source} (every file stores them for "
-                            "the same samples)" + (", Mahalanobis and KNN fit on its training file's features."
-                                                   if set(FEATURE_BASELINES) <= set(baselines) else ".")),
+                            "the same samples)" + (f"; {', '.join(fitted)} fit on its training file's features."
+                                                   if fitted else ".")),
             "rows": entries}
 
 
@@ -121,3 +131,58 @@ def write_comparison(table: dict, stem: str | Path) -> list[Path]:
     rows = ({**{k: entry[k] for k in CSV_KEYS[:-1]}, "ood_dataset": dataset, **metrics}
             for entry in table["rows"] for dataset, metrics in entry["results"].items())
     return write_json_and_csv(table, rows, [*CSV_KEYS, *metric_columns(table_protocol(table))], stem)
+
+
+def openood_table(table: dict, groups: dict[str, tuple[str, ...]], id_accuracy: float) -> dict:
+    """``table`` (``comparison_table``, computed with OpenOOD's FPR@95) in OpenOOD's form: each row's AUROC
+    and FPR@95 (OOD positive) per set in ``groups`` order, then per group (``near``, ``far``) their plain mean
+    over the group's sets that the table holds; with the model's accuracy (%) on the ID test list."""
+    sets = [d for d in table["datasets"] if d != "average"]
+    members = {group: [d for d in names if d in sets] for group, names in groups.items()}
+    columns = [column for group, chosen in members.items() if chosen for column in (*chosen, group)]
+    rows = []
+    for entry in table["rows"]:
+        results = {d: {m: entry["results"][d][m] for m in OPENOOD_SHOWN} for d in sets}
+        results.update({group: {m: float(np.mean([results[d][m] for d in chosen])) for m in OPENOOD_SHOWN}
+                        for group, chosen in members.items() if chosen})
+        rows.append({**{k: entry[k] for k in ("name", "kind", "row", "row_kind", "score")},
+                     "results": {column: results[column] for column in columns}})
+    left_out = [d for d in sets if not any(d in chosen for chosen in members.values())]
+    return {"form": "openood", "in_dataset": table["in_dataset"], "model": table["model"], "num_id": table["num_id"],
+            "num_ood": table["num_ood"], "id_accuracy": id_accuracy, "groups": members, "columns": columns,
+            "left_out": left_out, "norms": table["norms"], "metrics_in": "percent",
+            "conventions": ("OpenOOD v1.5's form: OOD is the positive class for FPR@95 (the fraction of ID flagged "
+                            "as OOD when 95% of OOD is detected), computed as its evaluator computes it; the table "
+                            "above takes ID as positive (its FPR95 is another operating point). AUROC is the same "
+                            "either way. "
+                            "Metrics in %; every score is higher for in-distribution, rows in the order above.",
+                            "near / far: plain means over the group's sets, as OpenOOD's evaluator."),
+            "rows": rows}
+
+
+def format_openood(table: dict) -> str:
+    """The OpenOOD-form table as aligned text: a header with its conventions, a column pair per set and group."""
+    model = table["model"]
+    groups = "; ".join(f"{group} {', '.join(chosen) or '-'}" for group, chosen in table["groups"].items())
+    header = [f"== {table['in_dataset']} ({table['num_id']} ID samples), OpenOOD v1.5's form: {groups} ==",
+              f"Model {model['name']} ({model['arch']}, {model['num_classes']} classes, epoch {model['epoch']}); "
+              f"ID accuracy {table['id_accuracy']:.2f} % on the ID test list.", *table["conventions"]]
+    if table["left_out"]:
+        header.append(f"Not in OpenOOD's groups, left out: {', '.join(table['left_out'])}.")
+    columns = [["detector: headline row (score)", *(_label(e, table["norms"]) for e in table["rows"])]]
+    columns += [[OPENOOD_TITLES[m], *(metric_cell(e["results"][column], m) for e in table["rows"])]
+                for column in table["columns"] for m in OPENOOD_SHOWN]
+    widths = [max(map(len, column)) for column in columns]
+    lines = ["  ".join([cells[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))]).rstrip()
+             for cells in zip(*columns)]
+    pair = len(OPENOOD_SHOWN)
+    spans = [sum(widths[1 + k * pair:1 + (k + 1) * pair]) + 2 * (pair - 1) for k in range(len(table["columns"]))]
+    titles = "  ".join([" " * widths[0], *(c.center(s) for c, s in zip(table["columns"], spans))]).rstrip()
+    return "\n".join([*header, "", titles, *lines])
+
+
+def write_openood(table: dict, stem: str | Path) -> list[Path]:
+    """``<stem>.json`` and ``<stem>.csv`` (one line per row and set or group: AUROC, FPR@95 with OOD positive)."""
+    rows = ({**{k: entry[k] for k in CSV_KEYS[:-1]}, "ood_dataset": column, **metrics}
+            for entry in table["rows"] for column, metrics in entry["results"].items())
+    return write_json_and_csv(table, rows, [*CSV_KEYS, *OPENOOD_SHOWN], stem)

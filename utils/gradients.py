@@ -17,10 +17,11 @@ full ones), a pickled dict::
                                                      # T and epsilon; "layers": "last" for --layers last)
      "class":   int64[N],  "pred": int64[N],  "label": int64[N] (-1 for OOD),
      "msp": float32[N],  "energy": float32[N],       # output-based baselines, same pass
-     "features": {"penultimate": float32[N, D], ...}}  # per-sample vectors a detector or baseline fits on
+     "features": {"penultimate": float32[N, D], ...},  # per-sample vectors a detector or baseline fits on
+     "head":    {"weight": float32[K, D], "bias": float32[K]}}  # the last layer: logits = W h + b (baselines)
 
-``norm``, ``extra``, ``options`` and ``features`` are optional when reading (files of the seed's format
-are L2 and have none).
+``norm``, ``extra``, ``options``, ``features`` and ``head`` are optional when reading (files of the seed's
+format are L2 and have none).
 
 It is written atomically and read back with a restricted unpickler that admits only builtin
 containers and numpy arrays, so a file from elsewhere cannot run code.
@@ -50,11 +51,12 @@ PER_SAMPLE_KEYS = {"total": np.float32, "class": np.int64, "pred": np.int64, "la
 
 def new_record(model: dict, detector: Detector, dataset: str, layers: dict[str, np.ndarray],
                extra: dict[str, np.ndarray], features: dict[str, np.ndarray] | None = None,
-               **per_sample: np.ndarray) -> dict:
+               head: dict[str, np.ndarray] | None = None, **per_sample: np.ndarray) -> dict:
     """A record of ``detector``'s values on ``dataset`` in the format above, from per-sample arrays of any
-    numeric dtype (each is cast to the format's): ``layers``, ``extra``, ``features`` (N, D) and every key of
-    ``PER_SAMPLE_KEYS``."""
-    return {"features": {name: np.asarray(v, np.float32) for name, v in (features or {}).items()},
+    numeric dtype (each is cast to the format's): ``layers``, ``extra``, ``features`` (N, D), ``head``
+    (the last layer's ``weight`` and ``bias``) and every key of ``PER_SAMPLE_KEYS``."""
+    return {**({"head": {name: np.asarray(v, np.float32) for name, v in head.items()}} if head else {}),
+            "features": {name: np.asarray(v, np.float32) for name, v in (features or {}).items()},
             "version": FORMAT_VERSION, "model": model, "method": detector.method,
             "score": None if detector.method == "original" else detector.name, "dataset": dataset,
             "num_samples": len(per_sample["total"]), "norm": "none" if detector.norm is None else f"L{detector.norm}",
@@ -130,6 +132,12 @@ def check_record(record: dict, source: str = "record") -> dict:
                  f"{getattr(value, 'shape', type(value).__name__)}")
         if not np.isfinite(value).all():
             fail(f"features[{key!r}] holds NaN or infinite values")
+    if "head" in record:
+        head = record["head"]
+        weight, bias = (head.get(k) if isinstance(head, dict) else None for k in ("weight", "bias"))
+        if not (isinstance(weight, np.ndarray) and isinstance(bias, np.ndarray) and weight.ndim == 2
+                and bias.shape == weight.shape[:1] and np.isfinite(weight).all() and np.isfinite(bias).all()):
+            fail("'head' must be a dict of a finite weight (K, D) and bias (K,)")
     return record
 
 

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from utils import cli
+from utils.data import DEFAULT_BENCHMARK
 from utils.errors import UserError
 from utils.gradients import GRADIENT_ROOT, GradientFileError, gradient_path, load_gradients, ood_dataset_names
 from utils.tables import SAVED_FORMS
@@ -19,8 +20,12 @@ def track_command(args: argparse.Namespace, dataset: str) -> str:
     command += " --layers=last" * (args.layers == "last")
     if args.in_dataset != cli.DEFAULT_IN_DATASET:
         command += f" --in-dataset={args.in_dataset}"
-    if args.gradient_root != GRADIENT_ROOT:
-        command += f" --gradient-root={args.gradient_root}"
+    benchmark = getattr(args, "benchmark", DEFAULT_BENCHMARK)
+    if benchmark != DEFAULT_BENCHMARK:
+        command += f" --benchmark={benchmark}"
+    if args.gradient_root != cli.benchmark_root(GRADIENT_ROOT, benchmark):
+        given = args.gradient_root if benchmark == DEFAULT_BENCHMARK else Path(args.gradient_root).parent
+        command += f" --gradient-root={given}"
     return command
 
 
@@ -96,7 +101,8 @@ def training_record(args: argparse.Namespace, id_record: dict, id_path: Path) ->
     come from the model of ``id_record``; None, with a note, when it is missing."""
     path = gradient_path(args.in_dataset, args.name, args.score, TRAIN_SPLIT, args.gradient_root, last_layer(args))
     if not path.is_file():
-        rows = "Mahalanobis and KNN rows" if args.combine == "none" else "'combined' row (nor Mahalanobis and KNN)"
+        rows = ("feature baselines (Mahalanobis, KNN, …)" if args.combine == "none"
+                else "'combined' row (nor feature baselines: Mahalanobis, KNN, …)")
         print(f"No {rows}: {path} (the in-distribution training images they are fit on) is missing; make it with "
               f"`{track_command(args, TRAIN_SPLIT)}`.\n")
         return None

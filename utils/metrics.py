@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 METRICS = ("FPR95", "AUROC", "AUPR_IN", "AUPR_OUT")
 OOD_POSITIVE_FPR = "FPR95_OOD_POS"  # OpenOOD's and OE's FPR95, OOD the positive class (``--ood-positive``)
+OPENOOD_FPR = "FPR95_OPENOOD"  # the same as OpenOOD v1.5's evaluator computes it (``--benchmark=openood``)
 PROTOCOLS = ("full", "energy_ood")  # every OOD sample once; energy_ood's and OE's 10 draws of a fifth
 
 
@@ -75,6 +76,19 @@ def fpr95_ood_positive(id_scores, ood_scores) -> float:
     return fpr_at_tpr(-np.asarray(ood_scores, np.float64), -np.asarray(id_scores, np.float64))[0]
 
 
+def openood_fpr95(id_scores, ood_scores) -> float:
+    """FPR@95 as OpenOOD v1.5's evaluator computes it (``openood/evaluators/metrics.py``): OOD is the positive
+    class and the score is negated, the ROC curve is scikit-learn's with its default ``drop_intermediate=True``,
+    and the FPR is that of the curve's first point whose TPR reaches 0.95.
+
+    Where no two samples tie, this is ``fpr95_ood_positive``. Where they tie, runs of equal steps are collinear
+    and scikit-learn drops their inner points, so the first point kept at TPR ≥ 0.95 can lie past the exact
+    operating point, at a higher FPR (20 ID and 20 OOD samples on the same 20 values: 1.0 here, 0.95 there)."""
+    scores, labels = _scores_and_labels(id_scores, ood_scores)
+    fprs, tprs, _ = roc_curve(1 - labels, -scores)
+    return float(fprs[np.argmax(tprs >= 0.95)])
+
+
 @dataclass(frozen=True)
 class Protocol:
     """How each OOD set is evaluated against the ID test set.
@@ -87,12 +101,14 @@ class Protocol:
       The draws of an OOD set come from a numpy Generator seeded with (``seed``, the set's name): the same
       for every row, detector and baseline, and independent of which other sets are evaluated.
 
-    ``ood_positive`` adds the OOD-positive FPR95 (``fpr95_ood_positive``) as its own metric.
+    ``ood_positive`` adds the OOD-positive FPR95 (``fpr95_ood_positive``) as its own metric; ``openood`` adds
+    it as OpenOOD's evaluator computes it (``openood_fpr95``).
     """
     name: str = "full"
     seed: int = 1
     draws: int = 10
     ood_positive: bool = False
+    openood: bool = False
 
     def __post_init__(self):
         if self.name not in PROTOCOLS:
@@ -100,7 +116,7 @@ class Protocol:
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        return (*METRICS, OOD_POSITIVE_FPR) if self.ood_positive else METRICS
+        return (*METRICS, *(OOD_POSITIVE_FPR,) * self.ood_positive, *(OPENOOD_FPR,) * self.openood)
 
     @property
     def drawn(self) -> bool:
@@ -134,13 +150,18 @@ class Protocol:
         metrics = ood_metrics(id_scores, ood_scores)
         if self.ood_positive:
             metrics[OOD_POSITIVE_FPR] = fpr95_ood_positive(id_scores, ood_scores)
+        if self.openood:
+            metrics[OPENOOD_FPR] = openood_fpr95(id_scores, ood_scores)
         return metrics
 
     def describe(self, num_id: int, num_ood: int) -> dict:
         """The protocol as the JSON tables record it."""
+        described = {"name": self.name, "ood_positive": self.ood_positive}
+        if self.openood:
+            described["openood"] = True
         if not self.drawn:
-            return {"name": self.name, "ood_positive": self.ood_positive}
-        return {"name": self.name, "ood_positive": self.ood_positive, "draws": self.draws, "seed": self.seed,
+            return described
+        return {**described, "draws": self.draws, "seed": self.seed,
                 "ood_per_draw": self.subset_size(num_id, num_ood), "std": "population (ddof=0)"}
 
     def conventions(self) -> tuple[str, ...]:
@@ -153,6 +174,9 @@ class Protocol:
         if self.ood_positive:
             lines += ("FPR95 (OOD+): OOD positive, as OpenOOD and OE: the fraction of ID flagged as OOD when 95% "
                       "of OOD is detected.",)
+        if self.openood:
+            lines += ("FPR@95 (OpenOOD): the same as OpenOOD v1.5's evaluator computes it (scikit-learn's ROC curve "
+                      "with collinear points dropped: higher than FPR95 (OOD+) only where scores tie).",)
         return lines
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,11 +31,29 @@ from utils.errors import UserError
 from utils.io import atomic_write
 from utils.runtime import seed_everything
 
-if TYPE_CHECKING:
-    from utils.training import Run
-
 # Arguments that may change between a run and its --resume: where things are, not what is trained.
 OPERATIONAL_ARGS = ("gpu", "workers", "data_root", "checkpoint_root", "resume", "overwrite", "amp")
+
+
+@dataclass
+class RunFolder:
+    """One training run in this process: its arguments, place in the job, device and checkpoint folder — what
+    saving and resuming need (``utils.training.Run`` adds the steps of an epoch)."""
+    args: argparse.Namespace
+    loss: str  # "energy" | "bce", recorded in the checkpoint
+    dist: distributed.Context
+    device: torch.device
+    directory: Path
+    checkpoint: dict | None  # the run's last.pt when resuming
+    meta: dict = field(default_factory=dict)  # filled in by Run.model()
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def print(self, *values: Any) -> None:
+        if self.is_main:
+            print(*values, flush=True)
 
 
 @dataclass
@@ -97,7 +115,7 @@ def _check_same_run(meta: dict, args: argparse.Namespace, loss: str, path: Path)
                         f"differ: {'; '.join(differences)}. Repeat the run's arguments, or start a new run.")
 
 
-def save_epoch(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+def save_epoch(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
                state: TrainState) -> None:
     """Save the epoch's checkpoint with everything ``--resume`` needs (every process's RNG state), and the log."""
     rng_states = distributed.all_gather_object(rng_state(run.device))
@@ -110,7 +128,7 @@ def save_epoch(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, sch
     _write_log(run.directory / "log.csv", state.history)
 
 
-def restore(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+def restore(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
             scaler: torch.amp.GradScaler) -> tuple[int, list[dict]]:
     """Load the run's ``last.pt`` into the model and training state; returns (epochs done, log so far)."""
     checkpoint, epoch = run.checkpoint, run.checkpoint["meta"]["epoch"]

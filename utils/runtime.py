@@ -89,3 +89,23 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     if requested is not None:
         return requested
     return default_workers() if device.type == "cuda" else 0
+
+
+# What makes a CPU run's numbers the same on another x86-64 machine (docs/demo.md, "What the numbers depend on"):
+# the thread count, and the kernels torch's ATen, oneDNN and MKL pick by instruction set (MKL also by CPU vendor:
+# on this project's AMD CPUs it does not take its AVX2 path unless asked). Set here where the user has not.
+PINNED_KERNELS = {"OMP_NUM_THREADS": "2", "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                  "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pinned_kernel_env() -> dict[str, str]:
+    """The environment for the demo's and the benchmarks' script runs: ``os.environ`` with ``PINNED_KERNELS``
+    added where unset, on a CPU with AVX2 or AVX-512 (elsewhere the thread count alone)."""
+    pinned = PINNED_KERNELS if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else {
+        "OMP_NUM_THREADS": PINNED_KERNELS["OMP_NUM_THREADS"]}
+    return {**pinned, **os.environ}
+
+
+def describe_kernels(env: dict[str, str]) -> str:
+    """``PINNED_KERNELS``' variables as ``env`` sets them, for a run's first line."""
+    return " ".join(f"{key}={env[key]}" for key in PINNED_KERNELS if key in env)

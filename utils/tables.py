@@ -21,10 +21,10 @@ from utils.combine import COMBINED_ROW
 from utils.detectors import CONFOUNDING, TRACK_GRADIENT_SCORES, Detector, get_detector
 from utils.feature_baselines import FEATURE_BASELINES
 from utils.io import atomic_write
-from utils.metrics import FULL, OOD_POSITIVE_FPR, Protocol
+from utils.metrics import FULL, OOD_POSITIVE_FPR, OPENOOD_FPR, Protocol
 
 METRIC_TITLES = {"FPR95": "FPR95", "AUROC": "AUROC", "AUPR_IN": "AUPR-In", "AUPR_OUT": "AUPR-Out",
-                 OOD_POSITIVE_FPR: "FPR95 (OOD+)"}
+                 OOD_POSITIVE_FPR: "FPR95 (OOD+)", OPENOOD_FPR: "FPR@95 (OpenOOD)"}
 RAW_STATISTICS = ("id_mean", "id_std", "ood_mean", "ood_std")
 SAVED_FORMS = {"norm_single": "norm", "original_single": "original"}  # --saved_form → the file's "method"
 BASELINES = {"MSP": ("msp", +1), "Energy": ("energy", -1)}  # row → (record key, sign making higher = ID)
@@ -37,8 +37,10 @@ CONVENTIONS = ("ID is the positive class; a higher score means more in-distribut
                "combined: -Mahalanobis distance of the log per-layer norms from a Gaussian fit on ID training "
                "images only (--dataset train).",
                "Baselines: score = MSP and -E(x) = logsumexp f(x); --flip applies to neither them nor combined.")
-FEATURE_CONVENTION = ("Mahalanobis (tied covariance, class means) and KNN (k-th nearest normalised feature) on the "
-                      "penultimate features, fit on ID training images only (--dataset train).")
+FEATURE_CONVENTION = ("Feature baselines (Mahalanobis, KNN, ReAct, ASH, SCALE, ViM, fDBD, GEN, RMDS; "
+                      "utils/feature_baselines/) on the penultimate features and the head, OpenOOD's defaults, fit "
+                      "on ID training images only (--dataset train); mean ± std of their raw values (Mahalanobis "
+                      "and KNN: the distance).")
 
 
 def metric_cell(row: dict, metric: str) -> str:
@@ -115,8 +117,8 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
     Each row also holds the mean and (population) standard deviation of the raw values: gradient norms,
     distances, MSP, and the stored energy E(x). ``flip`` applies to the gradient rows only. ``protocol`` says
     which OOD samples count (every row of the table uses the same draws); ``only`` limits the gradient rows to
-    those named. ``features`` gives each feature baseline's ID and OOD distances (``utils.feature_baselines``),
-    rows beside MSP and Energy.
+    those named. ``features`` gives each feature baseline's ID and OOD raw values (``utils.feature_baselines``:
+    its score times its sign), rows beside MSP and Energy.
     """
     sign = score_sign(saved_form, score, flip)
     value = "norm" if id_record.get("norm", "L2") != "none" else "value"  # ODIN's values are not norms
@@ -132,7 +134,8 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
     rows += [_row(name, "baseline", ("-" if b_sign < 0 else "") + key, id_record[key], ood_record[key], b_sign,
                   protocol, subsets)
              for name, (key, b_sign) in BASELINES.items()]
-    rows += [_row(name, "baseline", FEATURE_BASELINES[name], *values, -1, protocol, subsets)
+    rows += [_row(name, "baseline", FEATURE_BASELINES[name].score, *values, FEATURE_BASELINES[name].sign, protocol,
+                  subsets)
              for name, values in (features or {}).items()]
     headline = detector_of(saved_form, score).headline_row(list(id_record["layers"]))
     return {"in_dataset": id_record["dataset"], "ood_dataset": ood_record["dataset"], "model": id_record["model"],
@@ -146,7 +149,8 @@ def detection_table(id_record: dict, ood_record: dict, saved_form: str, score: s
 def table_protocol(table: dict) -> Protocol:
     """The protocol a table was made with (tables without one: ``full``)."""
     described = table.get("protocol", {})
-    return Protocol(**{k: described[k] for k in ("name", "seed", "draws", "ood_positive") if k in described})
+    return Protocol(**{k: described[k] for k in ("name", "seed", "draws", "ood_positive", "openood")
+                       if k in described})
 
 
 def _average_metrics(per_set: Sequence[dict], metrics: Sequence[str]) -> dict:

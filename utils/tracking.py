@@ -26,11 +26,10 @@ from utils.data import (
     IN_DATASETS,
     OOD_DATASETS,
     OOD_GROUPS,
+    TRAIN_SPLIT,
     check_dataset_name,
-    dataset_available,
-    get_dataset,
     ood_group,
-    ood_test_set,
+    resolve,
 )
 from utils.data.imagenet import CLASS_ORDER_KEY
 from utils.data.transforms import InputTransform
@@ -51,7 +50,6 @@ from utils.per_sample import head_module
 from utils.runtime import get_device, loader_workers, progress
 from utils.shards import Part, merge, parse_shard
 
-TRAIN_SPLIT = "train"  # --dataset train: the in-distribution training split, the combined detector's fit data
 DEFAULT_TRAIN_SAMPLES = 5_000
 TRAIN_SUBSET_SEED = 0
 
@@ -62,12 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
     parser.add_argument("--name", required=True, help="the run name the model was trained under")
     parser.add_argument("--dataset", required=True,
                         help="the data set to track: one of "
-                             f"{', '.join(IN_DATASETS + OOD_DATASETS + IMAGENET_OOD_DATASETS)}, a near-OOD set "
-                             "(heldout for a digits split, the other CIFAR for CIFAR); 'near', 'far' or 'all' "
+                             f"{', '.join(IN_DATASETS + OOD_DATASETS + IMAGENET_OOD_DATASETS)}, a near-OOD "
+                             "set (heldout for a digits split, the other CIFAR for CIFAR); 'near', 'far' or 'all' "
                              "for every near-, far- or any OOD set whose data is present; "
                              f"'{TRAIN_SPLIT}' for a seeded subset of --limit (default {DEFAULT_TRAIN_SAMPLES:,}) "
                              "images of the in-distribution training split, without augmentation (what the "
-                             "combined detector and the feature baselines are fit on)")
+                             "combined detector and the feature baselines are fit on); with --benchmark=openood, "
+                             "OpenOOD's set names (cifar100, tin, mnist, svhn, texture, places365; for ImageNet "
+                             "ssb_hard, ninco, inaturalist, textures, openimage_o), its groups, and train from "
+                             "its train_<in>.txt")
     if with_score:
         parser.add_argument("--score", choices=(*TRACK_GRADIENT_SCORES, "all"), default="min",
                             help="the detector: min/max/pred keep the smallest, largest or predicted label's of "
@@ -88,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                              "scores at the speed of a forward pass; min/max/exgrad in closed form); its files go to "
                              "<detector>-last/")
     cli.add_in_dataset(parser)
+    cli.add_benchmark(parser)
     parser.add_argument("--epoch", type=int, help="the checkpoint's epoch (default: the last)")
     parser.add_argument("--model-arch", choices=ARCHS,
                         help="the architecture expected; an error if the checkpoint holds another")
@@ -109,7 +111,7 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
           part: Part, device: torch.device, workers: int) -> dict[str, dict]:
     """The gradients record of samples [part.start, part.stop) of ``dataset`` for each detector, by name
     (the format of ``utils.gradients``), with the penultimate features (the last Linear layer's input in the
-    same forward pass) in each."""
+    same forward pass) and that layer's weight and bias (the feature baselines' logits = W h + b) in each."""
     loader = DataLoader(Subset(dataset, range(part.start, part.stop)), batch_size=part.images_per_batch,
                         num_workers=workers, pin_memory=device.type == "cuda")
     columns: dict[str, list[np.ndarray]] = {}
@@ -120,7 +122,11 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
     bar = progress(total=part.stop - part.start, unit="img", dynamic_ncols=True,
                    desc=f"{dataset_name} ({', '.join(d.name for d in detectors)})")
     penultimate: list[torch.Tensor] = []  # the head's inputs, one batch's forward passes
-    hook = head_module(model).register_forward_hook(lambda module, args, output: penultimate.append(args[0].detach()))
+    head = head_module(model)
+    hook = head.register_forward_hook(lambda module, args, output: penultimate.append(args[0].detach()))
+    bias = torch.zeros(len(head.weight)) if head.bias is None else head.bias
+    weights = {"weight": head.weight.detach().flatten(1).float().cpu().numpy(),  # a 1x1-conv head as (K, D)
+               "bias": bias.detach().float().cpu().numpy()}
     try:
         for images, labels in loader:
             penultimate.clear()
@@ -149,7 +155,8 @@ def track(model: nn.Module, model_info: dict, dataset: Dataset, dataset_name: st
         return {key.removeprefix(prefix): value for key, value in arrays.items() if key.startswith(prefix)}
 
     return {d.name: new_record(model_info, d, dataset_name, group(f"{d.name}/layers/"), group(f"{d.name}/extra/"),
-                               {**group("features/"), **group(f"{d.name}/features/")}, total=arrays[f"{d.name}/total"],
+                               {**group("features/"), **group(f"{d.name}/features/")}, weights,
+                               total=arrays[f"{d.name}/total"],
                                **{"class": arrays[f"{d.name}/class"]},
                                **{key: arrays[key] for key in ("pred", "label", "msp", "energy")})
             for d in detectors}
@@ -251,6 +258,7 @@ def main(args: argparse.Namespace) -> None:
     in-distribution test set if its files are missing or stale."""
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size and --limit must be positive.")
+    args = cli.on_benchmark(args, "gradient")
     for option in ("temperature", "odin_temperature"):
         if getattr(args, option, 1.0) <= 0:
             raise UserError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}.")
@@ -266,45 +274,37 @@ def main(args: argparse.Namespace) -> None:
     _warn_on_a_loss_mismatch(meta.get("loss"), detectors[0].script)
     model_info = {key: meta[key] for key in (*MODEL_KEYS, CHECKPOINT_HASH_KEY)}
     refuse_every_layer_rows(detectors, meta["num_classes"], args.batch_size)
-    transform, in_options = model_data_options(meta)
+    labels = meta.get(CLASS_ORDER_KEY)  # the model's class order, where it is not sorted wnids (BiT's head)
     if args.dataset in OOD_GROUPS:
-        group = ood_group(args.dataset, args.in_dataset)
-        names = [name for name in group if dataset_available(name, args.data_root)]
-        missing = [name for name in group if name not in names]
-        if missing:
-            print(f"--dataset={args.dataset}: no data under {args.data_root} for {', '.join(missing)}; skipping them")
+        group = ood_group(args.dataset, args.in_dataset, args.benchmark)
         if not group:
             raise UserError(f"{args.in_dataset} has no {args.dataset}-OOD set (a digits split such as digits-012345 "
                             "has heldout, CIFAR-10 and CIFAR-100 each other).")
+        sources = [resolve(name, args.in_dataset, args.benchmark, labels) for name in group]
+        missing = [source.name for source in sources if not source.available(args.data_root)]
+        if missing:
+            print(f"--dataset={args.dataset}: no data under {args.data_root} for {', '.join(missing)}; skipping them")
+        sources = [source for source in sources if source.name not in missing]
     else:
-        names = [args.dataset if args.dataset == TRAIN_SPLIT else check_dataset_name(args.dataset)]
-    datasets = {name: training_subset(args.in_dataset, args.data_root, args.limit, **in_options) if name == TRAIN_SPLIT
-                else get_dataset(name, args.data_root, **in_options) if name == args.in_dataset
-                else ood_test_set(name, args.in_dataset, args.data_root, transform)
-                for name in [args.in_dataset, *names]}
+        name = args.dataset if args.dataset == TRAIN_SPLIT else check_dataset_name(args.dataset, args.benchmark)
+        sources = [resolve(name, args.in_dataset, args.benchmark, labels)]
+    names = [source.name for source in sources]
+    transform = InputTransform.from_meta(meta)
+    datasets = {source.name: training_subset(source.build(args.data_root, transform), args.limit)
+                if source.role == "train" else source.build(args.data_root, transform)
+                for source in [resolve(args.in_dataset, args.in_dataset, args.benchmark, labels), *sources]}
     fitted = [d for d in detectors if d.fits_on_training and TRAIN_SPLIT not in names and not _is_current(
         gradient_path(args.in_dataset, args.name, d.name, TRAIN_SPLIT, args.gradient_root), model_info, None,
         d.options())]
     if fitted:  # NAC-UE's fit data, of any size: tracked first when missing or of another checkpoint
-        track_and_save(model, model_info, TRAIN_SPLIT,
-                       training_subset(args.in_dataset, args.data_root, args.limit, **in_options), fitted, args, device,
+        train_set = resolve(TRAIN_SPLIT, args.in_dataset, args.benchmark, labels).build(args.data_root, transform)
+        track_and_save(model, model_info, TRAIN_SPLIT, training_subset(train_set, args.limit), fitted, args, device,
                        workers, only_if_stale=False)
     if TRAIN_SPLIT in names and any(d.fits_on_training for d in detectors):
         datasets = {TRAIN_SPLIT: datasets.pop(TRAIN_SPLIT), **datasets}  # the fit before the sets scored under it
     for name, dataset in datasets.items():
         track_and_save(model, model_info, name, dataset, detectors, args, device, workers,
                        only_if_stale=name == args.in_dataset)
-
-
-def model_data_options(meta: dict) -> tuple[InputTransform, dict]:
-    """What the data sets need to know of the model in ``meta``: its input transform (every set of image files
-    applies it), and the options of its in-distribution set: the transform and, where the checkpoint records one,
-    its class order (the labels follow it: BiT's ImageNet head)."""
-    transform = InputTransform.from_meta(meta)
-    options = {"transform": transform}
-    if meta.get(CLASS_ORDER_KEY) is not None:
-        options[CLASS_ORDER_KEY] = meta[CLASS_ORDER_KEY]
-    return transform, options
 
 
 ROWS_AT_ONCE = 256
@@ -331,11 +331,9 @@ def refuse_every_layer_rows(detectors: list[Detector], num_classes: int, batch_s
                     f"more to accept that memory.")
 
 
-def training_subset(in_dataset: str, data_root: str, limit: int | None, **options) -> Dataset:
-    """``limit`` (default ``DEFAULT_TRAIN_SAMPLES``) images of ``in_dataset``'s training split without
-    augmentation, drawn without replacement with seed ``TRAIN_SUBSET_SEED``, in index order; ``options`` go to
-    ``get_dataset`` (the model's transform and class order)."""
-    full = get_dataset(in_dataset, data_root, train=True, augment=False, **options)
+def training_subset(full: Dataset, limit: int | None) -> Dataset:
+    """``limit`` (default ``DEFAULT_TRAIN_SAMPLES``) images of the training split ``full`` (without augmentation),
+    drawn without replacement with seed ``TRAIN_SUBSET_SEED``, in index order."""
     count = min(limit or DEFAULT_TRAIN_SAMPLES, len(full))
     indices = np.sort(np.random.default_rng(TRAIN_SUBSET_SEED).choice(len(full), count, replace=False))
     return Subset(full, indices.tolist())

@@ -21,9 +21,6 @@ import argparse
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +35,7 @@ from utils.data import NORMALIZATION, NUM_CLASSES, get_dataset
 from utils.data.transforms import META_KEY as TRANSFORM_KEY
 from utils.data.transforms import InputTransform
 from utils.errors import UserError
-from utils.run_folder import TrainState
+from utils.run_folder import RunFolder, TrainState
 from utils.runtime import get_device, loader_workers, progress, seed_everything
 
 DEFAULT_ARCH = "resnet20"
@@ -74,20 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="delete the run's earlier checkpoints and logs and start over")
 
 
-@dataclass
-class Run:
-    """One training run in this process: its arguments, place in the job, device and checkpoint folder."""
-    args: argparse.Namespace
-    loss: str  # "energy" | "bce", recorded in the checkpoint
-    dist: distributed.Context
-    device: torch.device
-    directory: Path
-    checkpoint: dict | None  # the run's last.pt when resuming
-    meta: dict = field(default_factory=dict)  # filled in by model()
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.is_main
+class Run(RunFolder):
+    """One training run in this process (``RunFolder``: its arguments, place in the job, device and checkpoint
+    folder), with the steps of an epoch."""
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -102,10 +88,6 @@ class Run:
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.device.type == "cuda" else torch.preserve_format
-
-    def print(self, *values: Any) -> None:
-        if self.is_main:
-            print(*values, flush=True)
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         """The in-distribution training set (augmented) and test set, each cut to ``--limit``."""

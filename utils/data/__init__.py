@@ -8,6 +8,12 @@ relative to the data root (default ``datasets``); ``datasets/README.md`` says wh
 Besides the names below, every digits open-set split ``digits-<known classes>`` is an in-distribution set
 and ``heldout`` its near-OOD set; CIFAR-100 is near-OOD for CIFAR-10 and the reverse (``utils.data.splits``).
 ``ood_test_set`` reads an OOD set for a given in-distribution, ``ood_group`` names the near, far or all.
+
+``--benchmark`` picks what the names mean: ``default``, the sets above; ``openood``, OpenOOD v1.5's image
+lists (``utils.data.openood``: its own set names, ``test_<in>.txt`` as the ID test set, ``train_<in>.txt`` as
+the fit data). ``resolve(name, in_dataset, benchmark)`` is the one place a tracked set's name is resolved to a
+``SetSource`` (its spelling, its role and how it is built); ``ood_test_set``, ``ood_group`` and the tracking
+script go through it.
 """
 import inspect
 from collections.abc import Callable
@@ -17,7 +23,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from utils.data import bundled, cifar, folders, imagenet, splits, svhn, synthetic, tinyimages
+from utils.data import bundled, cifar, folders, imagenet, openood, splits, svhn, synthetic, tinyimages
 from utils.data.transforms import CIFAR, InputTransform
 from utils.errors import DataNotFoundError, UserError
 
@@ -27,6 +33,9 @@ IMAGENET_OOD_DATASETS = imagenet.OOD_SETS  # iNaturalist, SUN, Places: ImageNet'
 AUX_DATASETS = ("tinyimages", "random300k", "sample_photos")
 
 OOD_GROUPS = ("near", "far", "all")
+TRAIN_SPLIT = "train"  # the in-distribution training split without augmentation: what fits are made on
+DEFAULT_BENCHMARK = "default"
+BENCHMARKS = (DEFAULT_BENCHMARK, openood.NAME)
 
 
 class _WithSplits(dict):
@@ -107,10 +116,17 @@ _BY_FOLDED = {_folded(name): name for name in _SOURCES}
 assert len(_BY_FOLDED) == len(_SOURCES)
 
 
-def check_dataset_name(name: str) -> str:
+def check_dataset_name(name: str, benchmark: str = DEFAULT_BENCHMARK) -> str:
     """``name`` spelt as this project spells it, for a command-line argument: case, ``-`` and ``_`` do not
     matter (``Gaussian`` → ``gaussian``, ``cifar10`` → ``CIFAR-10``), a digits split's classes are sorted
-    (``digits-210`` → ``digits-012``). Any other name is a ``UserError`` that lists the known ones."""
+    (``digits-210`` → ``digits-012``). Any other name is a ``UserError`` that lists the known ones. Under
+    ``benchmark="openood"``: one of OpenOOD's OOD set names (``cifar100``, ``tin``, ``ssb_hard``, …), lower case."""
+    if benchmark == openood.NAME:
+        if name.lower() not in openood.OOD_NAMES:
+            raise UserError(f"unknown OpenOOD set {name!r} (--benchmark={openood.NAME}). Its OOD sets: "
+                            + "; ".join(f"{in_dataset} near {', '.join(b.near)}, far {', '.join(b.far)}"
+                                        for in_dataset, b in openood.BENCHMARKS.items()) + ".")
+        return name.lower()
     if splits.is_digits_split(name):
         return splits.split_name(name)
     if name.lower() == splits.HELDOUT:
@@ -183,32 +199,107 @@ def _checked(name: str, options: dict, accepted: list[str] | tuple[str, ...]) ->
     return options
 
 
-def ood_test_set(name: str, in_dataset: str, data_root: str | Path = "datasets",
-                 transform: InputTransform | None = None) -> Dataset:
-    """OOD set ``name`` as tracked against ``in_dataset``: one of ``OOD_DATASETS`` or ``IMAGENET_OOD_DATASETS``;
-    ``heldout``, the unknown classes' test images of a digits split; or the other CIFAR's test split for CIFAR
-    (near-OOD). Every label is -1; ``transform`` is the model's (``get_dataset``). Another pairing is a
-    ``UserError``."""
-    if name in OOD_DATASETS + IMAGENET_OOD_DATASETS:
-        return get_dataset(name, data_root, transform=transform)
-    if name in splits.near_ood(in_dataset):
-        return splits.heldout(in_dataset) if name == splits.HELDOUT else splits.AsOOD(get_dataset(name, data_root))
+@dataclass(frozen=True)
+class SetSource:
+    """What a tracked set's name means for a benchmark and an in-distribution: its spelling (the name its files
+    are stored under), its role and how to build it."""
+    name: str
+    role: str  # "id" (the ID test set), "train" (the ID training split, no augmentation), "near" or "far" (OOD)
+    build: Callable[[Path, InputTransform], Dataset]  # build(data_root, the model's input transform)
+    locate: Callable[[Path], object] | None = None  # raises DataNotFoundError when files are missing
+
+    def available(self, data_root: str | Path) -> bool:
+        """Whether its files are present (checks that they exist, not their contents)."""
+        try:
+            if self.locate is not None:
+                self.locate(Path(data_root))
+        except DataNotFoundError:
+            return False
+        return True
+
+
+def resolve(name: str, in_dataset: str, benchmark: str = DEFAULT_BENCHMARK,
+            class_order: list[str] | None = None) -> SetSource:
+    """The set ``name`` as tracked against ``in_dataset`` under ``benchmark``: ``TRAIN_SPLIT``, the ID test set
+    (``in_dataset`` itself; under ``openood`` also its own name, e.g. ``cifar10``) or one of its near- and far-OOD
+    sets (``ood_group``); any other name is a ``UserError`` that lists them. OOD sets have label -1. The sets
+    are built through the model's input transform; ``class_order`` (the model's wnid of each class, from its
+    checkpoint) labels ImageNet's ID sets."""
+    if benchmark == openood.NAME:
+        return _resolve_openood(name, in_dataset)
+    if benchmark != DEFAULT_BENCHMARK:
+        raise UserError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}.")
+    locate = None if splits.is_digits_split(in_dataset) else _source(in_dataset).locate
+    labels = {"class_order": class_order} if class_order is not None else {}
+    if name == TRAIN_SPLIT:
+        return SetSource(name, "train", lambda root, transform: get_dataset(
+            in_dataset, root, train=True, transform=transform, augment=False, **labels), locate)
+    if name == in_dataset:
+        return SetSource(name, "id", lambda root, transform: get_dataset(in_dataset, root, transform=transform,
+                                                                         **labels), locate)
+    if name in ood_group("near", in_dataset):
+        if name == splits.HELDOUT:
+            return SetSource(name, "near", lambda root, transform: splits.heldout(in_dataset))
+        return SetSource(name, "near", lambda root, transform: splits.AsOOD(get_dataset(name, root,
+                                                                                          transform=transform)),
+                         _source(name).locate)
+    if name in ood_group("far", in_dataset):
+        return SetSource(name, "far", lambda root, transform: get_dataset(name, root, transform=transform),
+                         _source(name).locate)
     raise UserError(f"{name} is not an OOD set of {in_dataset}: its near-OOD sets are "
-                    f"{', '.join(splits.near_ood(in_dataset)) or 'none'}, its far-OOD sets {', '.join(OOD_DATASETS)}.")
+                    f"{', '.join(splits.near_ood(in_dataset)) or 'none'}, its far-OOD sets "
+                    f"{', '.join(ood_group('far', in_dataset))}.")
 
 
-def ood_group(group: str, in_dataset: str) -> tuple[str, ...]:
-    """The OOD sets of ``group`` for ``in_dataset``: ``near`` (semantic shift: ``splits.near_ood``), ``far`` (the
-    other sets: ``OOD_DATASETS``; for ImageNet GradNorm's iNaturalist, SUN, Places and dtd) or ``all`` (both),
-    whether or not their data is present."""
-    near = splits.near_ood(in_dataset)
-    far = imagenet.FAR_OOD if in_dataset == imagenet.NAME else OOD_DATASETS
+def _resolve_openood(name: str, in_dataset: str) -> SetSource:
+    bench = openood.benchmark(in_dataset)
+    if name == TRAIN_SPLIT:
+        split, spelt, role = "train", bench.folder, "train"
+    elif name in (in_dataset, bench.folder):
+        split, spelt, role = "test", bench.folder, "id"
+    elif name in ood_group("all", in_dataset, openood.NAME):
+        split, spelt, role = "test", name, "near" if name in ood_group("near", in_dataset, openood.NAME) else "far"
+    else:
+        raise UserError(f"{name!r} is not a set of OpenOOD's {bench.folder} benchmark (--benchmark={openood.NAME}): "
+                        f"near-OOD {', '.join(bench.near)}, far-OOD {', '.join(bench.far)}; {TRAIN_SPLIT} for "
+                        f"train_{bench.folder}.txt; the ID test set is test_{bench.folder}.txt.")
+    return SetSource(in_dataset if role == "id" else name, role,
+                     lambda root, transform: openood.build(root, in_dataset, split, spelt, transform),
+                     lambda root: openood.locate(root, in_dataset, split, spelt))
+
+
+def ood_test_set(name: str, in_dataset: str, data_root: str | Path = "datasets",
+                 benchmark: str = DEFAULT_BENCHMARK, transform: InputTransform = CIFAR) -> Dataset:
+    """OOD set ``name`` as tracked against ``in_dataset`` (``resolve``): by default one of ``OOD_DATASETS``;
+    ``heldout``, the unknown classes' test images of a digits split; or the other CIFAR's test split for CIFAR
+    (near-OOD); under ``openood`` one of OpenOOD's lists, through ``transform``. Every label is -1. Another
+    pairing is a ``UserError``."""
+    source = resolve(name, in_dataset, benchmark)
+    if source.role not in ("near", "far"):
+        raise UserError(f"{name} is the in-distribution set of {in_dataset}, not an OOD set.")
+    return source.build(Path(data_root), transform)
+
+
+def ood_group(group: str, in_dataset: str, benchmark: str = DEFAULT_BENCHMARK) -> tuple[str, ...]:
+    """The OOD sets of ``group`` for ``in_dataset``: ``near`` (semantic shift: ``splits.near_ood``; under
+    ``openood``, its benchmark's near-OOD lists), ``far`` (the other sets, ``OOD_DATASETS``; for ImageNet
+    GradNorm's iNaturalist, SUN, Places and dtd; OpenOOD's far lists) or ``all`` (both), whether or not their data
+    is present."""
+    if benchmark == openood.NAME:
+        near, far = openood.benchmark(in_dataset).near, openood.benchmark(in_dataset).far
+    else:
+        near = splits.near_ood(in_dataset)
+        far = imagenet.FAR_OOD if in_dataset == imagenet.NAME else OOD_DATASETS
     return {"near": near, "far": far, "all": near + far}[group]
 
 
-def dataset_available(name: str, data_root: str | Path = "datasets") -> bool:
-    """Whether the files of ``name`` are present (always true for generated and bundled sets). Checks that
-    the files exist, not their contents."""
+def dataset_available(name: str, data_root: str | Path = "datasets", in_dataset: str | None = None,
+                      benchmark: str = DEFAULT_BENCHMARK) -> bool:
+    """Whether the files of ``name`` are present (always true for generated and bundled sets); with
+    ``in_dataset``, of ``name`` as ``resolve`` reads it under ``benchmark``. Checks that the files exist, not
+    their contents."""
+    if in_dataset is not None:
+        return resolve(name, in_dataset, benchmark).available(data_root)
     if name == splits.HELDOUT or splits.is_digits_split(name):
         return True
     locate = _source(name).locate

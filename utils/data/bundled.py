@@ -14,10 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.datasets import load_digits, load_sample_images
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from utils.data.common import SeededImages, to_tensor, train_augmentation
 
@@ -37,6 +34,9 @@ class Digits(Dataset):
     """
 
     def __init__(self, train: bool = False, augment: bool = True):
+        from sklearn.datasets import load_digits  # imported where used: scikit-learn costs a second at start-up
+        from sklearn.model_selection import train_test_split
+
         digits = load_digits()
         train_index, test_index = train_test_split(np.arange(len(digits.target)), test_size=DIGITS_TEST_SIZE,
                                                    stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
@@ -57,6 +57,8 @@ class Digits(Dataset):
 @functools.cache
 def photo_pyramid() -> tuple[np.ndarray, ...]:
     """Each sample photograph at each of ``PHOTO_SCALES`` (PIL bilinear), HWC uint8."""
+    from sklearn.datasets import load_sample_images
+
     pyramid = []
     for photo in load_sample_images().images:
         height, width = photo.shape[:2]
@@ -71,7 +73,12 @@ class SamplePhotoCrops(SeededImages):
     horizontal flips. The crop of an index depends only on ``(seed, index)``."""
 
     def __init__(self, num_samples: int = 10_000, seed: int = 0, train: bool = False):
-        super().__init__("sample_photos", num_samples, seed, transforms.RandomHorizontalFlip() if train else None)
+        flip = None
+        if train:
+            from torchvision import transforms
+
+            flip = transforms.RandomHorizontalFlip()
+        super().__init__("sample_photos", num_samples, seed, flip)
         self.pyramid = photo_pyramid()
 
     def draw(self, rng: np.random.Generator) -> torch.Tensor:

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from utils.errors import DataNotFoundError, UserError
 
@@ -19,9 +18,12 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image.transpose(2, 0, 1), dtype=np.float32)).div_(255)
 
 
-def train_augmentation(flip: bool = True) -> transforms.Compose:
+def train_augmentation(flip: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """The CIFAR training augmentation of Outlier Exposure and energy_ood on a CHW tensor:
-    RandomCrop(32, padding=4) (zero padding) and, when ``flip``, RandomHorizontalFlip."""
+    RandomCrop(32, padding=4) (zero padding) and, when ``flip``, RandomHorizontalFlip. (torchvision is
+    imported where a transform is built: it costs seconds at start-up, and tracking needs none.)"""
+    from torchvision import transforms
+
     steps = [transforms.RandomCrop(32, padding=4)]
     if flip:
         steps.append(transforms.RandomHorizontalFlip())

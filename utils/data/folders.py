@@ -41,7 +41,8 @@ PLACES_SOURCE = ("Get the Places365 test images (test_256.tar) from http://place
                  "datasets/ood_datasets/places365/test_subset/places365_test_list.txt).")
 
 class ImageFiles(Dataset):
-    """Image files in a fixed order, each as an RGB tensor through ``transform`` with label -1 (OOD)."""
+    """Image files in a fixed order, each as an RGB tensor through ``transform`` (the CIFAR models' Resize(32) +
+    CenterCrop(32) by default) with label -1 (OOD)."""
 
     def __init__(self, paths: list[Path], transform: InputTransform = CIFAR):
         self.paths, self.transform = paths, transform.compose()

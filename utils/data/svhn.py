@@ -6,7 +6,6 @@ The ``.mat`` layout is the SVHN site's (http://ufldl.stanford.edu/housenumbers/)
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 import torch
 from torch.utils.data import Dataset
 
@@ -23,6 +22,8 @@ def read_mat(path: Path, remedy: str) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)`` of an SVHN ``.mat`` file, checked against the layout above; a file that is not one is an
     ``UnreadableFileError`` that names it and ends with ``remedy``, what to do."""
     try:
+        import scipy.io  # imported where used: scipy costs time at start-up
+
         contents = scipy.io.loadmat(path)
     except Exception as error:  # a truncated or foreign file fails in many ways (OS-, Value-, IndexError …)
         raise unreadable(path, "SVHN .mat file", error, remedy) from None

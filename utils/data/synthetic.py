@@ -12,7 +12,6 @@ but its index: no memory is held, and the set is the same for any batch size, or
 """
 import numpy as np
 import torch
-from scipy import ndimage
 
 from utils.data.common import SeededImages
 
@@ -26,6 +25,8 @@ def rademacher(rng: np.random.Generator) -> np.ndarray:
 
 
 def blobs(rng: np.random.Generator) -> np.ndarray:
+    from scipy import ndimage  # imported where used: scipy costs time at start-up
+
     image = ndimage.gaussian_filter(rng.binomial(1, 0.7, size=(32, 32, 3)).astype(np.float64),
                                     sigma=1.5, mode="nearest")
     image[image < 0.75] = 0.0

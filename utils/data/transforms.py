@@ -14,9 +14,8 @@ this produces is in [0, 1].
 ``resize`` is an int (the shorter side, aspect ratio kept, as ``transforms.Resize(int)``) or ``(height, width)``
 (both sides, as ``transforms.Resize((h, w))``); ``crop`` an int or None.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
-
-from torchvision import transforms
 
 META_KEY = "input_transform"
 
@@ -26,8 +25,10 @@ class InputTransform:
     resize: int | tuple[int, int] = 32
     crop: int | None = 32
 
-    def compose(self) -> transforms.Compose:
+    def compose(self) -> Callable:
         """The torchvision transform: RGB PIL image → float32 tensor in [0, 1] of shape ``(3, *self.size)``."""
+        from torchvision import transforms  # here: importing torchvision costs seconds, most runs read no files
+
         steps = [transforms.Resize(self.resize)]
         if self.crop is not None:
             steps.append(transforms.CenterCrop(self.crop))
