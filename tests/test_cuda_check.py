@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_quick_cpu_run_passes_every_check_and_writes_its_report(tmp_path):
     out = tmp_path / "report"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "cuda_check.py"), "--device=cpu", "--quick",
-                             f"--out={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                             f"--out={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=420)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.md").read_text().strip() in result.stdout
