@@ -202,3 +202,16 @@ def test_tracking_refuses_k_rows_and_a_missing_training_split_before_any_work(tm
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, err
     assert not (tmp_path / "gradients").exists()
+
+
+def test_activation_detectors_outside_their_layer_choice_are_one_paragraph(tmp_path, capsys):
+    save_bit(tmp_path / "bit.pth.tar", bit_state((1, 1, 1, 1), 32))
+    list_file = tmp_path / "val_list.txt"  # a class list in MOS's format, 1,000 wnids
+    list_file.write_text("".join(f"val/n{i:08d}/x_{i}.JPEG {i}\n" for i in range(1000)))
+    assert run_import(tmp_path / "checkpoints", str(tmp_path / "bit.pth.tar"), "--source=bit", "--name=bit",
+                      f"--class-list={list_file}") == 0
+    for score in ("gaia_a", "gaia_z"):
+        with pytest.raises(SystemExit):
+            track(tmp_path, "--name=bit", "--dataset=dtd", f"--score={score}")
+        err = capsys.readouterr().err
+        assert f"--score={score} does not apply to bit_r50x1" in err and err.count("\n") == 1, err

@@ -164,3 +164,22 @@ def test_k_rows_through_every_layer_are_refused_in_one_paragraph():
     refuse_every_layer_rows(every_layer, 100, 64)
     refuse_every_layer_rows([get_detector("gradnorm"), get_detector("pred")], 1000, 64)
     refuse_every_layer_rows([DETECTORS["min"].on_last_layer()], 1000, 64)
+
+
+def test_every_tracked_layer_of_a_reduced_resnet50_equals_the_float64_loop():
+    """torchvision's in-place ReLU and residual sum touch no tracked layer's input or output."""
+    model = tiny_resnet50(3).double()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    detector = get_detector("pred")
+    _, scores = gradient_scores(model, x, [detector])
+    for i in range(len(x)):
+        reference = detector.reference(model, x[i])
+        for layer, values in scores["pred"].layers.items():
+            assert values[i].item() == pytest.approx(reference[layer], rel=1e-10), layer
+
+
+def test_gaia_is_refused_on_torchvisions_in_place_resnet():
+    model = tiny_resnet50(3)
+    for name in ("gaia_a", "gaia_z"):
+        with pytest.raises(ValueError, match="in place"):
+            DETECTORS[name].activations(model)

@@ -274,6 +274,12 @@ def main(args: argparse.Namespace) -> None:
     _warn_on_a_loss_mismatch(meta.get("loss"), detectors[0].script)
     model_info = {key: meta[key] for key in (*MODEL_KEYS, CHECKPOINT_HASH_KEY)}
     refuse_every_layer_rows(detectors, meta["num_classes"], args.batch_size)
+    for detector in detectors:  # a detector whose layer choice does not cover this architecture (GAIA on BiT)
+        try:
+            detector.activations(model)
+        except ValueError as error:
+            raise UserError(f"--score={detector.name} does not apply to {meta['arch']}: {error}. Pick another "
+                            "--score (e.g. gradnorm or pred).") from None
     labels = meta.get(CLASS_ORDER_KEY)  # the model's class order, where it is not sorted wnids (BiT's head)
     if args.dataset in OOD_GROUPS:
         group = ood_group(args.dataset, args.in_dataset, args.benchmark)
