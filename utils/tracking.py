@@ -97,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                         help="gradients back-propagated at once, which bounds memory: an image costs K of them "
                              "for min/max/exgrad (one per class), one for pred/gradnorm/odin/gaia_z/nac_ue/the "
                              "confounding label, two for gaia_a, K + 7 for --score=all; one with --layers last "
-                             "(no backward pass)")
+                             "(no backward pass). An image whose rows exceed both this and 256 (ImageNet's 1,000 "
+                             "classes) is refused before any work")
     parser.add_argument("--limit", type=int, metavar="N",
                         help=f"track only the first N samples of each set (--dataset {TRAIN_SPLIT}: N random images)")
     parser.add_argument("--shard", metavar="I/N", type=parse_shard,
