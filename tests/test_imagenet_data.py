@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import compute_gradient_metrics
 import track_gradient
 from tests.test_imagenet_import import CLASS_LIST, bit_state, needs_class_list, run_import, save_bit, torchvision_resnet
 from utils.checkpoints import load_model
@@ -187,6 +188,10 @@ def test_resnet50_gradnorm_equals_openoods_postprocessor(tmp_path):
         official.append(fc.weight.grad.abs().sum().item())
     np.testing.assert_allclose(load(tmp_path, "rn", "gradnorm-last", "dtd")["total"], official, rtol=1e-4)
     np.testing.assert_allclose(load(tmp_path, "rn", "gradnorm", "dtd")["layers"]["fc.weight"], official, rtol=1e-4)
+    run_script(lambda: compute_gradient_metrics.main([
+        "--name=rn", "--in-dataset=ImageNet", "--saved_form=norm_single", "--score=gradnorm", "--layers=last",
+        f"--gradient-root={tmp_path / 'gradients'}", f"--results-root={tmp_path / 'results'}"]))
+    assert (tmp_path / "results" / "ImageNet" / "rn" / "norm_single-gradnorm-last" / "dtd.json").is_file()
 
 
 def test_tracking_refuses_k_rows_and_a_missing_training_split_before_any_work(tmp_path, capsys):
