@@ -12,7 +12,10 @@ On one GPU, in a few minutes, it checks and times:
 3. training speed: the energy loss's step (128 ID + 256 outlier images, CIFAR-shaped) in float32 and bf16
    AMP, channels_last off and on; and one real epoch of ``train_energy.py`` on the bundled digits, its time
    split into waiting for the training loaders and the rest;
-4. paths: ``train_energy.py`` with ``--amp bf16`` and ``--amp fp16``, ``--resume`` of a run, ``torchrun``
+4. ImageNet-1K (``bench/cuda_imagenet.py``): ResNet-50 at 224 px with 1,000 classes, ``--layers last`` against a
+   forward pass and the official loop, every-layer gradnorm and pred against the ceiling, vmap and the loop with
+   peak memory beside one training step's, the time for 50,000 images; a reduced BiT against the float64 loop;
+5. paths: ``train_energy.py`` with ``--amp bf16`` and ``--amp fp16``, ``--resume`` of a run, ``torchrun``
    (NCCL between 2 GPUs where there are 2), an all-reduce in a process group, and ``track_gradient.py
    --shard 0/2`` and ``1/2`` merging: each exits 0 and its outputs load.
 
@@ -43,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from cuda_imagenet import imagenet  # noqa: E402
 from cuda_measure import exactness, tracking_speed, training_speed  # noqa: E402
 from cuda_runs import digits_epoch, paths  # noqa: E402
 from cuda_sizes import FULL, QUICK  # noqa: E402
@@ -51,7 +55,8 @@ from utils.per_sample import tf32_settings  # noqa: E402
 
 SECTIONS = {"exactness": "Exactness: tracked on the device vs the float64 CPU loop",
             "tracking": "Tracking speed (images/s; TF32 off)", "training": "Training step speed",
-            "epoch": "One epoch of train_energy.py on digits", "paths": "Paths"}
+            "epoch": "One epoch of train_energy.py on digits",
+            "imagenet": "ImageNet-1K: ResNet-50 at 224 px, 1,000 classes (images/s; TF32 off)", "paths": "Paths"}
 
 
 # the report
@@ -123,6 +128,7 @@ def main() -> None:
     started, setting = time.perf_counter(), environment(device)
     checks = {"exactness": lambda: exactness(device, sizes), "tracking": lambda: tracking_speed(device, sizes),
               "training": lambda: training_speed(device, sizes), "epoch": lambda: digits_epoch(device, sizes, work),
+              "imagenet": lambda: imagenet(device, args.quick),
               "paths": lambda: paths(device, sizes, work, args.quick)}
     sections = [run_section(name, title, checks[name]) for name, title in SECTIONS.items()
                 if name in (args.only or SECTIONS)]

@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_quick_cpu_run_passes_every_check_and_writes_its_report(tmp_path):
     out = tmp_path / "report"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "cuda_check.py"), "--device=cpu", "--quick",
-                             f"--out={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                             f"--out={out}"], capture_output=True, text=True, cwd=tmp_path, timeout=420)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.md").read_text().strip() in result.stdout
 
     sections = {section["name"]: section for section in report["sections"]}
-    assert list(sections) == ["exactness", "tracking", "training", "epoch", "paths"]
+    assert list(sections) == ["exactness", "tracking", "training", "epoch", "imagenet", "paths"]
     assert report["ok"] and all(s["ok"] and s["error"] is None and s["rows"] for s in sections.values())
 
     exactness = sections["exactness"]["rows"]
@@ -36,6 +36,8 @@ def test_the_quick_cpu_run_passes_every_check_and_writes_its_report(tmp_path):
     assert all(row["images/s"] > 0 for row in sections["training"]["rows"])
     epoch, = sections["epoch"]["rows"]
     assert 0 < epoch["waiting for training data (s)"] < epoch["epoch (s, training + test accuracy)"]
+    imagenet = sections["imagenet"]["rows"]
+    assert all(row["images/s"] > 0 for row in imagenet[:-1]) and imagenet[-1]["ok"], imagenet
     paths = {row["path"]: row for row in sections["paths"]["rows"]}
     assert all(row["ok"] for name, row in paths.items() if name != "torchrun"), paths
     merging = paths["track_gradient.py --shard 1/2 (merges)"]["outputs"]

@@ -51,11 +51,11 @@ def damage(path: Path, how: str) -> None:
 
 
 def test_names_and_constants():
-    assert IN_DATASETS == ("CIFAR-10", "CIFAR-100", "digits")
+    assert IN_DATASETS == ("CIFAR-10", "CIFAR-100", "digits", "ImageNet")
     assert OOD_DATASETS == ("SVHN", "dtd", "places365", "LSUN", "LSUN_resize", "iSUN", "gaussian", "rademacher",
                             "blobs")
     assert AUX_DATASETS == ("tinyimages", "random300k", "sample_photos")
-    assert NUM_CLASSES == {"CIFAR-10": 10, "CIFAR-100": 100, "digits": 10}
+    assert NUM_CLASSES == {"CIFAR-10": 10, "CIFAR-100": 100, "digits": 10, "ImageNet": 1000}
     assert set(NORMALIZATION) == set(IN_DATASETS)
     assert NORMALIZATION["CIFAR-10"] == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     assert NORMALIZATION["CIFAR-100"] == ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -77,7 +77,8 @@ def test_check_dataset_name_respells_or_lists_the_known_ones():
     with pytest.raises(UserError) as error:
         check_dataset_name("Gausian")
     assert str(error.value).startswith("unknown data set 'Gausian'. Known: in-distribution CIFAR-10, CIFAR-100, "
-                                       "digits; OOD SVHN, dtd, places365, LSUN, LSUN_resize, iSUN, gaussian, ")
+                                       "digits, ImageNet; OOD "
+                                       "SVHN, dtd, places365, LSUN, LSUN_resize, iSUN, gaussian, ")
     with pytest.raises(UserError, match="data set 'Gaussian' is spelt 'gaussian'"):
         get_dataset("Gaussian")
 

@@ -37,3 +37,11 @@ def test_the_paths_report_times_every_path_and_marks_the_one_the_rule_takes():
         timed = {name: float(us) for name, us in (entry.rsplit(maxsplit=1) for entry in entries)}
         assert {name.rstrip("*") for name in timed} == {"weight grad", "explicit", "grouped", "gram", "input_gram"}
         assert sum(name.endswith("*") for name in timed) == 1 and all(us > 0 for us in timed.values()), line
+
+
+@pytest.mark.slow
+def test_an_imagenet_run_reports_the_last_layer_rates():
+    out = track_bench("--arch", "resnet50", "--size", "64", "--classes", "1000", "--score", "gradnorm", "--layers",
+                      "last", "--n", "2", "--batch-size", "2")
+    for method in ("forward", "--layers last", "official GradNorm", "OpenOOD GradNorm"):
+        assert float(re.search(rf"^{method} +([\d.]+) images/s", out, re.M).group(1)) > 0, out

@@ -28,7 +28,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 def add_in_dataset(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-dataset", default=DEFAULT_IN_DATASET, type=check_in_dataset,
                         help="the in-distribution data set the model is trained on: CIFAR-10, CIFAR-100, digits, "
-                             "or a digits open-set split, digits- and its known classes (e.g. digits-012345)")
+                             "a digits open-set split, digits- and its known classes (e.g. digits-012345), or "
+                             "ImageNet (imported models only: import_checkpoint.py)")
 
 
 def add_benchmark(parser: argparse.ArgumentParser) -> None:

@@ -2,13 +2,18 @@
 dL/dW = Σ_s g_s a_sᵀ over the output positions s; a rule, registered by layer type (``@norm_rule(nn.Linear)``),
 turns the layer's inputs a and output gradients g of a whole batch into Σ |dL/dW|^p (p = 1 or 2) for every (row,
 sample), without a loop over samples. Supporting a new layer type is one function here. Each rule picks its
-cheapest exact path from the shapes, and works on chunks of samples that stay in cache (``in_chunks``)."""
+cheapest exact path from the shapes, and works on chunks of samples that stay in cache (``in_chunks``).
+
+A weight-standardised convolution (BiT's ``StdConv2d``) uses ŵ = (w − mean w)/σ per output channel; the gradient
+tracked is that of the *raw* parameter w, what ``p.grad`` holds, through the standardisation (``std_conv2d_norms``)."""
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.bit import STD_EPS, StdConv2d
 
 NormRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
 RULES: dict[type[nn.Module], NormRule] = {}
@@ -22,13 +27,21 @@ def norm_rule(layer_type: type[nn.Module]) -> Callable[[NormRule], NormRule]:
     return register
 
 
+def _power_sums(per_row: torch.Tensor, p: int) -> torch.Tensor:
+    """Σ |·|^p of per-sample gradients (B, R, ...) for each (row, sample): (R, B)."""
+    return (per_row.pow(2) if p == 2 else per_row.abs()).flatten(2).sum(2).T
+
+
+def _explicit_gradients(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The per-sample gradients dL/dW = g aᵀ, (B, R, O, I), from g (R, B, O, S) and patches a (B, I, S)."""
+    R, B, O, S = g.shape
+    return (g.transpose(0, 1).reshape(B, R * O, S) @ a.transpose(1, 2)).reshape(B, R, O, -1)
+
+
 def _explicit(g: torch.Tensor, a: torch.Tensor, p: int) -> torch.Tensor:
     """Σ |dL/dW|^p, (R, B), from the per-sample gradients built explicitly: dL/dW = g aᵀ with g (R, B, O, S)
     and patches a (B, I, S); costs R·B·O·S·I."""
-    R, B, O, S = g.shape
-    per_row = g.transpose(0, 1).reshape(B, R * O, S) @ a.transpose(1, 2)  # (B, R·O, I)
-    per_row = per_row.reshape(B, R, -1)
-    return (per_row.pow(2) if p == 2 else per_row.abs()).sum(2).T
+    return _power_sums(_explicit_gradients(g, a), p)
 
 
 def _gram(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -145,19 +158,33 @@ def _conv_explicit(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p
     return _explicit(grads.flatten(3), _patches(conv, inputs), p)
 
 
-def _grouped(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
-    """Σ |dL/dW|^p, (R, B), from the per-sample gradients built as one grouped convolution's weight gradient: the
-    batch folded into the channels (B groups; group b pairs sample b's C input channels with the R·O output
-    gradients of its rows), as torch.func's and Opacus' batching rules do. The convolution library's own kernel,
-    with no patch matrix: the fastest path on large feature maps, slower than the patch matrix on small ones."""
+def _grouped_gradients(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """The per-sample gradients (B, R, O, I) as one grouped convolution's weight gradient: the batch folded into
+    the channels (B groups; group b pairs sample b's C input channels with the R·O output gradients of its rows),
+    as torch.func's and Opacus' batching rules do."""
     R, B, O, H, W = grads.shape
     channels = inputs.shape[1]
     folded = torch.nn.grad.conv2d_weight(inputs.reshape(1, B * channels, *inputs.shape[2:]),
                                          (B * R * O, channels, *conv.kernel_size),
                                          grads.transpose(0, 1).reshape(1, B * R * O, H, W),
                                          conv.stride, conv.padding, conv.dilation, groups=B)
-    per_row = folded.reshape(B, R, -1)
-    return (per_row.pow(2) if p == 2 else per_row.abs()).sum(2).T
+    return folded.reshape(B, R, O, -1)
+
+
+def _grouped(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    """Σ |dL/dW|^p, (R, B), from the per-sample gradients of one grouped convolution (``_grouped_gradients``). The
+    convolution library's own kernel, with no patch matrix: the fastest path on large feature maps, slower than the
+    patch matrix on small ones."""
+    return _power_sums(_grouped_gradients(conv, inputs, grads), p)
+
+
+def _conv_rank_one(conv: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    """One output position (S = 1: a head on a 1×1 map): dL/dW = g aᵀ has rank one, so ‖·‖₁ = ‖g‖₁‖a‖₁ and
+    ‖·‖₂² = ‖g‖₂²‖a‖₂² exactly; costs R·O + I."""
+    a, g = _patches(conv, inputs)[..., 0], grads.flatten(2)  # (B, I), (R, B, O)
+    if p == 1:
+        return g.abs().sum(2) * a.abs().sum(1)
+    return g.pow(2).sum(2) * a.pow(2).sum(1)
 
 
 COST_PER_MULTIPLY_ADD = {"gram": 1.0, "input_gram": 1.4, "explicit": 1.2, "grouped": 0.65}
@@ -179,7 +206,8 @@ def conv2d_paths(module: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p
     grouped_offered = R == 1 and kernel > 1 and channels >= 8 and S >= 2 * channels
     paths = {"explicit": (_conv_explicit, cost["explicit"] * R * O * S * I, _explicit_elements(R, O, S, I)),
              "grouped": (_grouped, cost["grouped"] * R * O * S * I if grouped_offered else math.inf,
-                         inputs[0].numel() + R * O * S + R * O * I)}
+                         inputs[0].numel() + R * O * S + R * O * I),
+             "rank_one": (_conv_rank_one, R * O + I if S == 1 else math.inf, I + R * O)}
     if p == 2:
         paths["gram"] = (_conv_gram, cost["gram"] * S * S * (R * O + I), _gram_elements(R, O, S, I))
         paths["input_gram"] = (_conv_input_gram, cost["input_gram"] * (channels * P * P + S * S * (R * O + kernel)),
@@ -195,6 +223,44 @@ def conv2d_norms(module: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p
     exact; each runs in chunks of samples that stay in cache (``in_chunks``)."""
     path, _, elements = min(conv2d_paths(module, inputs, grads, p).values(), key=lambda option: option[1])
     return in_chunks(path, elements, module, inputs, grads, p)
+
+
+def standardisation(conv: StdConv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ (O,) and the standardised weight ŵ (O, I) of a ``StdConv2d``: ŵ = (w − mean w)/σ, σ = √(var w + ε)."""
+    weight = conv.weight.detach().flatten(1)
+    var, mean = torch.var_mean(weight, dim=1, keepdim=True, unbiased=False)
+    sigma = torch.sqrt(var + STD_EPS)
+    return sigma[:, 0], (weight - mean) / sigma
+
+
+def raw_weight_gradients(conv: StdConv2d, per_sample: torch.Tensor) -> torch.Tensor:
+    """The gradients with respect to the raw weight w, (B, R, O, I), from those G with respect to ŵ: per output
+    channel, dL/dw = (G − mean(G) − ŵ·(ŵ·G)/n)/σ over its n = I weights (the Jacobian of the standardisation, exact
+    with its ε)."""
+    sigma, w_hat = standardisation(conv)
+    centred = per_sample - per_sample.mean(3, keepdim=True)
+    along = (per_sample * w_hat).sum(3, keepdim=True) / w_hat.shape[1]
+    return (centred - along * w_hat) / sigma[:, None]
+
+
+def _std_explicit(conv: StdConv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    return _power_sums(raw_weight_gradients(conv, _explicit_gradients(grads.flatten(3), _patches(conv, inputs))), p)
+
+
+def _std_grouped(conv: StdConv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    return _power_sums(raw_weight_gradients(conv, _grouped_gradients(conv, inputs, grads)), p)
+
+
+@norm_rule(StdConv2d)
+def std_conv2d_norms(module: StdConv2d, inputs: torch.Tensor, grads: torch.Tensor, p: int) -> torch.Tensor:
+    """Σ |dL/dw|^p of a weight-standardised convolution's raw weight w: the per-sample gradients with respect to
+    the standardised weight ŵ (a plain convolution's, built explicitly from the patch matrix or as one grouped
+    convolution's weight gradient, whichever ``conv2d_paths`` estimates faster) mapped through the standardisation
+    (``raw_weight_gradients``), which mixes each output channel's weights, so no Gram identity applies."""
+    paths = conv2d_paths(module, inputs, grads, p)
+    own = {"explicit": _std_explicit, "grouped": _std_grouped}
+    name = min(own, key=lambda path: paths[path][1])
+    return in_chunks(own[name], paths[name][2], module, inputs, grads, p)
 
 
 def rule_for(name: str, module: nn.Module) -> NormRule:

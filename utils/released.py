@@ -1,4 +1,4 @@
-"""Released checkpoints: the field's published CIFAR models turned into this project's checkpoints.
+"""Released checkpoints: the field's published CIFAR and ImageNet models turned into this project's checkpoints.
 
 Each source saves a bare ``state_dict`` under its own key names and normalises images outside the model; our
 models take [0, 1] images and normalise inside (``models.normalize.Normalize``). ``convert`` maps a source's
@@ -18,6 +18,18 @@ file onto one of our architectures so that, in eval mode, ``ours(x) == theirs((x
   pruned weight (dots written ``___``) that its forward multiplies into the weight. Its scripts define OE's
   constants but hand them only to the DenseNet; the ResNets see raw [0, 1] images.
 
+* ``torchvision`` — torchvision's ImageNet-1K ResNet-50 (``torchvision.models.resnet50``), the OpenOOD v1.5
+  leaderboard's model: a bare state dict under torchvision's own keys (ours: ``models.torchvision_resnet``),
+  ImageNet mean/std, classes in sorted-wnid order (ImageFolder's). Which weights a file holds is read from its
+  content: torchvision names each file by the first 8 hex digits of its sha256, ``resnet50-0676ba61.pth``
+  (IMAGENET1K_V1: Resize(256) + CenterCrop(224)) and ``resnet50-11ad3fa6.pth`` (IMAGENET1K_V2: Resize(232) +
+  CenterCrop(224)); any other file is V1 unless ``weights="IMAGENET1K_V2"``. A bare file name is also looked up in
+  torch hub's cache (``torch.hub.get_dir()/checkpoints``, by default ``~/.cache/torch/hub/checkpoints/``).
+* ``bit`` — GradNorm's and MOS's BiT-S ResNet-v2 (deeplearning-wisc/gradnorm_ood, ``resnetv2.py``):
+  ``{"model": state dict}`` with ``module.`` prefixes, keys ours (``models.bit``); mean = std = 0.5, Resize((480,
+  480)); the block units and width are read from the keys and shapes (R50x1, R101x1, or a reduced one); the head's
+  classes follow MOS's ``imagenet2012_val_list.txt``, read from ``class_list`` and recorded in the meta.
+
 Every source: ``module.`` prefixes (``nn.DataParallel``) and ``model.`` (``PrunedModel``) are stripped, masks are
 multiplied in, BatchNorm ``num_batches_tracked`` counters that files written by PyTorch < 0.4.1 lack are set to
 0 (eval mode does not read them), and the load is strict.
@@ -25,15 +37,20 @@ multiplied in, BatchNorm ``num_batches_tracked`` counters that files written by 
 import hashlib
 import io
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import models
+from models.bit import BIT_R50_UNITS, BIT_R101_UNITS
+from models.torchvision_resnet import RESNET50_LAYERS
 from utils.data import NUM_CLASSES
+from utils.data.imagenet import NORMALIZATION as IMAGENET_NORMALIZATION
+from utils.data.imagenet import read_class_order
+from utils.data.transforms import BIT, CIFAR, IMAGENET_V1, IMAGENET_V2, InputTransform
 from utils.errors import UserError, unreadable
 
 OE_NORMALIZATION = (tuple(v / 255 for v in (125.3, 123.0, 113.9)), tuple(v / 255 for v in (63.0, 62.1, 66.7)))
@@ -45,7 +62,9 @@ LOSSES = ("ce", "oe", "energy", "bce")  # cross-entropy, + OE's uniform term, + 
 class Source:
     """How one repository saves its models: key renames (regex → replacement, applied in order), the
     architectures it publishes (ours), the mean/std its code normalises each in-distribution data set with
-    (``"*"``: any data set), the loss its released files were trained with, and a line for ``--help``."""
+    (``"*"``: any data set), the loss its released files were trained with, a line for ``--help``; the key of its
+    classifier's weight, its input transform, ``infer`` (the architecture and its kwargs from the keys and shapes,
+    where they vary) and whether its head's class order is read from MOS's list."""
     name: str
     repository: str
     renames: tuple[tuple[str, str], ...]
@@ -53,6 +72,34 @@ class Source:
     normalization: dict[str, tuple[tuple[float, ...], tuple[float, ...]]]
     default_loss: str
     notes: str
+    classifier: str = "fc.weight"
+    transform: InputTransform = CIFAR
+    infer: Callable[[dict[str, torch.Tensor]], tuple[str, dict]] | None = None
+    class_list: bool = False
+
+
+def _units(state: dict[str, torch.Tensor], pattern: str) -> tuple[int, ...]:
+    """How many distinct units each numbered stage has: ``pattern`` matches a key with groups (stage, unit)."""
+    units: dict[int, set[str]] = {}
+    for key in state:
+        match = re.match(pattern, key)
+        if match:
+            units.setdefault(int(match.group(1)), set()).add(match.group(2))
+    return tuple(len(units[stage]) for stage in sorted(units))
+
+
+def _infer_resnet50(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    layers = _units(state, r"^layer(\d+)\.(\d+)\.")
+    return "resnet50", {} if layers == RESNET50_LAYERS else {"layers": list(layers)}
+
+
+def _infer_bit(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    units = _units(state, r"^body\.block(\d+)\.unit(\d+)\.")
+    width = state["root.conv.weight"].shape[0] if "root.conv.weight" in state else 64
+    named = {BIT_R50_UNITS: "bit_r50x1", BIT_R101_UNITS: "bit_r101x1"}
+    if units in named and width == 64:
+        return named[units], {}
+    return "bit_r50x1", {"block_units": list(units), "width": int(width)}  # a reduced BiT (tests)
 
 
 SOURCES = {
@@ -73,7 +120,20 @@ SOURCES = {
                      notes="no normalisation: its scripts define OE's mean/std but pass them only to its DenseNet, "
                            "so its ResNets see [0, 1] images; loss bce for a PrunedModel file "
                            "(supplementary/train_original.py), ce otherwise (train.py)"),
+    "torchvision": Source("torchvision", "pytorch/vision (torchvision.models.resnet50)", renames=(),
+                          archs=("resnet50",), normalization={"ImageNet": IMAGENET_NORMALIZATION},
+                          default_loss="ce", transform=IMAGENET_V1, infer=_infer_resnet50,
+                          notes="ImageNet mean/std; Resize(256) + CenterCrop(224) for IMAGENET1K_V1 "
+                                "(resnet50-0676ba61.pth), Resize(232) for V2 (resnet50-11ad3fa6.pth, or --weights); "
+                                "a bare file name is also looked up in torch hub's cache; loss ce"),
+    "bit": Source("bit", "deeplearning-wisc/gradnorm_ood (BiT-S, resnetv2.py)", renames=(),
+                  archs=("bit_r50x1", "bit_r101x1"), normalization={"ImageNet": ((0.5,) * 3, (0.5,) * 3)},
+                  default_loss="ce", classifier="head.conv.weight", transform=BIT, infer=_infer_bit, class_list=True,
+                  notes="mean = std = 0.5, Resize((480, 480)); the head's class order from MOS's "
+                        "imagenet2012_val_list.txt (--class-list); loss ce"),
 }
+TORCHVISION_WEIGHTS = {"0676ba61": "IMAGENET1K_V1", "11ad3fa6": "IMAGENET1K_V2"}  # sha256 prefix: torchvision's names
+WEIGHT_TRANSFORMS = {"IMAGENET1K_V1": IMAGENET_V1, "IMAGENET1K_V2": IMAGENET_V2}
 
 
 @dataclass
@@ -87,6 +147,10 @@ class Converted:
     loss: str
     sha256: str
     masks_applied: int
+    arch_kwargs: dict = field(default_factory=dict)
+    transform: InputTransform = CIFAR
+    class_order: list[str] | None = None  # the wnid of each output, when the source's order is not sorted wnids
+    weights: str | None = None            # torchvision's weights name
 
 
 def source_normalization(source: Source, in_dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -100,7 +164,8 @@ def source_normalization(source: Source, in_dataset: str) -> tuple[tuple[float, 
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors saved in ``path`` (a bare state dict, or one under ``"state_dict"``) and the file's sha256."""
+    """The tensors saved in ``path`` (a bare state dict, or one under ``"state_dict"`` or, as BiT's release,
+    ``"model"``) and the file's sha256."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint file not found: {path}")
@@ -113,8 +178,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if isinstance(obj, dict) and "meta" in obj and "state_dict" in obj:
         raise UserError(f"{path} is already a checkpoint of these scripts (it holds 'state_dict' and 'meta'); "
                         f"copy it to <checkpoint-root>/<in-dataset>/<name>/last.pt instead of importing it.")
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
     if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
         raise unreadable(path, "state dict", f"it holds a {type(obj).__name__} that is not a dict of tensors",
                          remedy)
@@ -163,25 +229,49 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def hub_file(path: str | Path) -> Path:
+    """``path``, or, when it is a bare file name that does not exist here, the file of that name in torch hub's
+    cache (``torch.hub.get_dir()/checkpoints``, where ``torchvision.models.resnet50(weights=...)`` downloads to)."""
+    path = Path(path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / path.name
+    return cached if cached.is_file() else path
+
+
+def torchvision_weights(sha256: str, weights: str | None) -> str:
+    """Which torchvision weights a file holds: ``weights`` if given, else read from the file's sha256 (torchvision
+    names each file by its first 8 hex digits), else IMAGENET1K_V1."""
+    if weights is not None:
+        if weights not in WEIGHT_TRANSFORMS:
+            raise UserError(f"--weights={weights}: torchvision's ResNet-50 weights are {', '.join(WEIGHT_TRANSFORMS)}.")
+        return weights
+    return TORCHVISION_WEIGHTS.get(sha256[:8], "IMAGENET1K_V1")
+
+
 def convert(path: str | Path, source_name: str, in_dataset: str, arch: str | None = None,
             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-            loss: str | None = None) -> Converted:
+            loss: str | None = None, weights: str | None = None, class_list: str | Path | None = None) -> Converted:
     """Read the ``source_name`` file ``path`` and return it as our model for ``in_dataset``.
 
-    The architecture is ``arch`` or, among the source's, the one whose keys and shapes the file matches; the
-    number of classes is the classifier's output size; ``mean``/``std`` default to the source's. A file that
+    The architecture is ``arch`` or, among the source's, the one whose keys and shapes the file matches (read
+    from them for ``torchvision`` and ``bit``); the number of classes is the classifier's output size;
+    ``mean``/``std`` default to the source's. ``weights`` names torchvision's weights (default: from the file's
+    sha256); ``class_list`` is MOS's ``imagenet2012_val_list.txt``, the class order of ``bit``'s head. A file that
     matches no architecture exactly is a ``UserError`` naming the unmatched keys.
     """
     source = SOURCES[source_name]
+    path = hub_file(path) if source_name == "torchvision" else Path(path)
     state, sha256 = read_state_dict(path)
     state, masks_applied = strip_wrappers(state)
     state = rename(state, source)
-    if "fc.weight" not in state or state["fc.weight"].dim() != 2:
+    classifier = source.classifier
+    if classifier not in state or state[classifier].dim() < 2:
         raise UserError(f"{path} has no classifier weight that --source={source_name} names "
-                        f"{'linear' if source_name == 'origin' else 'fc'}.weight; its keys begin "
+                        f"{'linear.weight' if source_name == 'origin' else classifier}; its keys begin "
                         f"{_listing(list(state), 4)}. Is it a file of another source, or another architecture than "
                         f"{', '.join(source.archs)}?")
-    num_classes = state["fc.weight"].shape[0]
+    num_classes = state[classifier].shape[0]
     if num_classes != NUM_CLASSES[in_dataset]:
         raise UserError(f"{path} classifies {num_classes} classes, but {in_dataset} has {NUM_CLASSES[in_dataset]}; "
                         f"pass the --in-dataset the file was trained on.")
@@ -192,10 +282,29 @@ def convert(path: str | Path, source_name: str, in_dataset: str, arch: str | Non
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise UserError(f"--mean and --std take three values each, std positive; got {list(mean)} and {list(std)}.")
 
+    class_order = None
+    if source.class_list:
+        if class_list is None:
+            raise UserError(f"--source={source_name} needs MOS's imagenet2012_val_list.txt (--class-list): its head's "
+                            "class order.")
+        class_order = read_class_order(Path(class_list))
+        if len(class_order) != num_classes:
+            raise UserError(f"{class_list} names {len(class_order)} classes, but {path} classifies {num_classes}.")
+    arch_kwargs = {}
+    if source.infer is not None:
+        inferred, arch_kwargs = source.infer(state)
+        arch = arch or inferred
+    chosen_weights = torchvision_weights(sha256, weights) if source_name == "torchvision" else None
+    transform = WEIGHT_TRANSFORMS[chosen_weights] if chosen_weights else source.transform
+
     candidates = [arch] if arch else list(source.archs)
     reports = []
     for name in candidates:
-        model = models.get_model(name, num_classes, mean, std)
+        try:
+            model = models.get_model(name, num_classes, mean, std, **arch_kwargs)
+        except (TypeError, ValueError) as error:  # an inferred shape the architecture cannot be built with
+            reports.append(f"as {name} with {arch_kwargs} — {error}")
+            continue
         reference = {k: v for k, v in model.state_dict().items() if not k.startswith("normalize.")}
         unexpected, missing, shapes = _mismatch(state, reference)
         if not (unexpected or missing or shapes):
@@ -204,7 +313,7 @@ def convert(path: str | Path, source_name: str, in_dataset: str, arch: str | Non
             model.load_state_dict({**model.state_dict(), **state}, strict=True)
             chosen_loss = loss or ("ce" if source_name == "origin" and not masks_applied else source.default_loss)
             return Converted(model.eval(), name, num_classes, tuple(mean), tuple(std), chosen_loss, sha256,
-                             masks_applied)
+                             masks_applied, arch_kwargs, transform, class_order, chosen_weights)
         parts = [f"{label}: {_listing(keys)}" for label, keys in
                  (("modules in the file only", unexpected), ("modules missing from the file", missing),
                   ("shapes differ", shapes))

@@ -21,7 +21,17 @@ from models import ARCHS
 from utils import cli
 from utils.checkpoints import load_model
 from utils.coverage import fit_record, score_record
-from utils.data import IN_DATASETS, OOD_DATASETS, OOD_GROUPS, TRAIN_SPLIT, check_dataset_name, ood_group, resolve
+from utils.data import (
+    IMAGENET_OOD_DATASETS,
+    IN_DATASETS,
+    OOD_DATASETS,
+    OOD_GROUPS,
+    TRAIN_SPLIT,
+    check_dataset_name,
+    ood_group,
+    resolve,
+)
+from utils.data.imagenet import CLASS_ORDER_KEY
 from utils.data.transforms import InputTransform
 from utils.detectors import (
     SCORE_ALL,
@@ -57,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
     (``track_gradient_original.py`` is the confounding label)."""
     parser.add_argument("--name", required=True, help="the run name the model was trained under")
     parser.add_argument("--dataset", required=True,
-                        help=f"the data set to track: one of {', '.join(IN_DATASETS + OOD_DATASETS)}, a near-OOD "
+                        help="the data set to track: one of "
+                             f"{', '.join(IN_DATASETS + OOD_DATASETS + IMAGENET_OOD_DATASETS)}, a near-OOD "
                              "set (heldout for a digits split, the other CIFAR for CIFAR); 'near', 'far' or 'all' "
                              "for every near-, far- or any OOD set whose data is present; "
                              f"'{TRAIN_SPLIT}' for a seeded subset of --limit (default {DEFAULT_TRAIN_SAMPLES:,}) "
@@ -84,9 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                             help="ODIN's perturbation step on [0, 1] images (the official code's: it divides its "
                                  "step on normalised images by the std); 0.0014 in OpenOOD's CIFAR config")
     parser.add_argument("--layers", choices=("all", "last"), default="all",
-                        help="last: track only the last Linear layer, from the penultimate features with no backward "
-                             "pass (GradNorm's and ExGrad's paper scores at the speed of a forward pass); its files "
-                             "go to <detector>-last/")
+                        help="last: track only the head (a Linear layer, or a 1x1 convolution on a 1x1 map as BiT's), "
+                             "from the penultimate features with no backward pass (GradNorm's and ExGrad's paper "
+                             "scores at the speed of a forward pass; min/max/exgrad in closed form); its files go to "
+                             "<detector>-last/")
     cli.add_in_dataset(parser)
     cli.add_benchmark(parser)
     parser.add_argument("--epoch", type=int, help="the checkpoint's epoch (default: the last)")
@@ -96,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
                         help="gradients back-propagated at once, which bounds memory: an image costs K of them "
                              "for min/max/exgrad (one per class), one for pred/gradnorm/odin/gaia_z/nac_ue/the "
                              "confounding label, two for gaia_a, K + 7 for --score=all; one with --layers last "
-                             "(no backward pass)")
+                             "(no backward pass). An image whose rows exceed both this and 256 (ImageNet's 1,000 "
+                             "classes) is refused before any work")
     parser.add_argument("--limit", type=int, metavar="N",
                         help=f"track only the first N samples of each set (--dataset {TRAIN_SPLIT}: N random images)")
     parser.add_argument("--shard", metavar="I/N", type=parse_shard,
@@ -284,26 +297,34 @@ def main(args: argparse.Namespace) -> None:
     model, meta = load_model(args.in_dataset, args.name, args.epoch, device, args.checkpoint_root, args.model_arch)
     _warn_on_a_loss_mismatch(meta.get("loss"), detectors[0].script)
     model_info = {key: meta[key] for key in (*MODEL_KEYS, CHECKPOINT_HASH_KEY)}
+    refuse_every_layer_rows(detectors, meta["num_classes"], args.batch_size)
+    for detector in detectors:  # a detector whose layer choice does not cover this architecture (GAIA on BiT)
+        try:
+            detector.activations(model)
+        except ValueError as error:
+            raise UserError(f"--score={detector.name} does not apply to {meta['arch']}: {error}. Pick another "
+                            "--score (e.g. gradnorm or pred).") from None
+    labels = meta.get(CLASS_ORDER_KEY)  # the model's class order, where it is not sorted wnids (BiT's head)
     if args.dataset in OOD_GROUPS:
         group = ood_group(args.dataset, args.in_dataset, args.benchmark)
         if not group:
             raise UserError(f"{args.in_dataset} has no {args.dataset}-OOD set (a digits split such as digits-012345 "
                             "has heldout, CIFAR-10 and CIFAR-100 each other).")
-        sources = [resolve(name, args.in_dataset, args.benchmark) for name in group]
+        sources = [resolve(name, args.in_dataset, args.benchmark, labels) for name in group]
         missing = [source.name for source in sources if not source.available(args.data_root)]
         if missing:
             print(f"--dataset={args.dataset}: no data under {args.data_root} for {', '.join(missing)}; skipping them")
         sources = [source for source in sources if source.name not in missing]
     else:
         name = args.dataset if args.dataset == TRAIN_SPLIT else check_dataset_name(args.dataset, args.benchmark)
-        sources = [resolve(name, args.in_dataset, args.benchmark)]
+        sources = [resolve(name, args.in_dataset, args.benchmark, labels)]
     names = [source.name for source in sources]
     transform = InputTransform.from_meta(meta)
     datasets = {source.name: training_subset(source.build(args.data_root, transform), args.limit)
                 if source.role == "train" else source.build(args.data_root, transform)
-                for source in [resolve(args.in_dataset, args.in_dataset, args.benchmark), *sources]}
+                for source in [resolve(args.in_dataset, args.in_dataset, args.benchmark, labels), *sources]}
     if any(d.fit_first for d in detectors):  # GROOD's and lowdim's fit, before any pass
-        train_set = resolve(TRAIN_SPLIT, args.in_dataset, args.benchmark).build(args.data_root, transform)
+        train_set = resolve(TRAIN_SPLIT, args.in_dataset, args.benchmark, labels).build(args.data_root, transform)
         training = training_subset(train_set, args.limit)
         detectors = [fitted_on_training(d, model, model_info, training, args, device, refit=TRAIN_SPLIT in names)
                      if d.fit_first else d for d in detectors]
@@ -311,7 +332,7 @@ def main(args: argparse.Namespace) -> None:
         gradient_path(args.in_dataset, args.name, d.name, TRAIN_SPLIT, args.gradient_root), model_info, None,
         d.options(), fit=_fit_of(d))]
     if fitted:  # NAC-UE's fit data, of any size: tracked first when missing or of another checkpoint
-        train_set = resolve(TRAIN_SPLIT, args.in_dataset, args.benchmark).build(args.data_root, transform)
+        train_set = resolve(TRAIN_SPLIT, args.in_dataset, args.benchmark, labels).build(args.data_root, transform)
         track_and_save(model, model_info, TRAIN_SPLIT, training_subset(train_set, args.limit), fitted, args, device,
                        workers, only_if_stale=False)
     if TRAIN_SPLIT in names and any(d.fits_on_training for d in detectors):
@@ -336,6 +357,30 @@ def fitted_on_training(detector: Detector, model: nn.Module, model_info: dict, t
     atomic_write(path, lambda f: torch.save({"model": model_info, "state": fitted.fitted.state()}, f))
     print(f"saved {path}")
     return fitted
+
+
+ROWS_AT_ONCE = 256
+"""The most gradients one image's rows may back-propagate at once when they exceed ``--batch-size`` (the default
+batch; CIFAR-100's 100 per-class rows fit): a batch then holds that one image."""
+
+
+def refuse_every_layer_rows(detectors: list[Detector], num_classes: int, batch_size: int) -> None:
+    """Refuse, before any work, detectors that back-propagate more rows per image than both ``--batch-size`` and
+    ``ROWS_AT_ONCE`` (the K per-class gradients of min/max/exgrad/all through every layer, with K = 1,000 on
+    ImageNet): one image's rows alone would hold many times the gradients of the batch the option bounds memory
+    by, and cost K backward passes' worth of work per image."""
+    rows = rows_per_sample(detectors, num_classes)
+    if rows <= max(batch_size, ROWS_AT_ONCE):
+        return
+    names = ", ".join(d.name for d in detectors if not d.last_layer_only)
+    raise UserError(f"{names} through every layer back-propagates {rows:,} gradients per image ({num_classes:,} "
+                    f"classes): one image alone holds {rows:,} rows of activation gradients at once, more than "
+                    f"--batch-size={batch_size} allows (about {rows / batch_size:.0f}x the memory of a training step "
+                    f"of {batch_size} images), and each image costs about {rows:,} backward passes' work (on "
+                    f"ImageNet's 50,000 images, {rows * 50_000:.1e} image-backward passes). Run --layers last (every "
+                    f"detector's last-layer score in closed form, at the speed of a forward pass), or --score=pred or "
+                    f"--score=gradnorm (one gradient per image through every layer), or pass --batch-size={rows} or "
+                    f"more to accept that memory.")
 
 
 def training_subset(full: Dataset, limit: int | None) -> Dataset:

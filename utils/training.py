@@ -32,6 +32,8 @@ import models
 from utils import cli, distributed, run_folder
 from utils.checkpoints import build_model, checkpoint_dir, load_checkpoint, unwrap
 from utils.data import NORMALIZATION, NUM_CLASSES, get_dataset
+from utils.data.transforms import META_KEY as TRANSFORM_KEY
+from utils.data.transforms import InputTransform
 from utils.errors import UserError
 from utils.run_folder import RunFolder, TrainState
 from utils.runtime import get_device, loader_workers, progress, seed_everything
@@ -105,7 +107,8 @@ class Run(RunFolder):
         spec, net = model_spec(args, self.checkpoint, pretrained)
         self.meta = {"name": args.name, "arch": spec["arch"], "in_dataset": args.in_dataset,
                      "num_classes": spec["num_classes"], "mean": list(spec["mean"]), "std": list(spec["std"]),
-                     "arch_kwargs": dict(spec.get("arch_kwargs", {})), "loss": self.loss, "args": dict(vars(args))}
+                     "arch_kwargs": dict(spec.get("arch_kwargs", {})), "loss": self.loss, "args": dict(vars(args)),
+                     TRANSFORM_KEY: InputTransform.from_meta(spec).to_meta()}  # a pretrained model's, or CIFAR's
         net = net.to(self.device, memory_format=self.memory_format)
         if not self.dist.enabled:
             return net

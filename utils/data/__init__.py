@@ -1,7 +1,8 @@
 """Every data set of the project by name: ``get_dataset(name, data_root, train)``.
 
-Items are ``(image, label)``: a float32 tensor of shape 3x32x32 in [0, 1] (models normalise inside
-themselves) and an int, -1 for every OOD and auxiliary set. ``train=False`` is deterministic. Paths are
+Items are ``(image, label)``: a float32 tensor in [0, 1] (models normalise inside themselves) of shape
+3x32x32, or for the sets of image files that of the model's input transform (``transform``; ImageNet's sets,
+``utils.data.imagenet``), and an int, -1 for every OOD and auxiliary set. ``train=False`` is deterministic. Paths are
 relative to the data root (default ``datasets``); ``datasets/README.md`` says what goes where.
 
 Besides the names below, every digits open-set split ``digits-<known classes>`` is an in-distribution set
@@ -22,12 +23,13 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from utils.data import bundled, cifar, folders, openood, splits, svhn, synthetic, tinyimages
+from utils.data import bundled, cifar, folders, imagenet, openood, splits, svhn, synthetic, tinyimages
 from utils.data.transforms import CIFAR, InputTransform
 from utils.errors import DataNotFoundError, UserError
 
-IN_DATASETS = ("CIFAR-10", "CIFAR-100", "digits")
+IN_DATASETS = ("CIFAR-10", "CIFAR-100", "digits", imagenet.NAME)
 OOD_DATASETS = ("SVHN", "dtd", "places365", "LSUN", "LSUN_resize", "iSUN", "gaussian", "rademacher", "blobs")
+IMAGENET_OOD_DATASETS = imagenet.OOD_SETS  # iNaturalist, SUN, Places: ImageNet's far-OOD sets with dtd
 AUX_DATASETS = ("tinyimages", "random300k", "sample_photos")
 
 OOD_GROUPS = ("near", "far", "all")
@@ -49,13 +51,14 @@ class _WithSplits(dict):
         return self.value(name)
 
 
-NUM_CLASSES = _WithSplits({"CIFAR-10": 10, "CIFAR-100": 100, "digits": 10},
+NUM_CLASSES = _WithSplits({"CIFAR-10": 10, "CIFAR-100": 100, "digits": 10, imagenet.NAME: imagenet.NUM_CLASSES},
                           lambda name: len(splits.known_classes(name)))
 # (mean, std) per channel of the training images; a digits split keeps those of the whole digits training split
 NORMALIZATION = _WithSplits({
     "CIFAR-10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "CIFAR-100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "digits": bundled.DIGITS_NORMALIZATION,
+    imagenet.NAME: imagenet.NORMALIZATION,
 }, lambda name: bundled.DIGITS_NORMALIZATION)
 
 
@@ -71,12 +74,12 @@ def _synthetic(kind: str, data_root: Path, *, num_samples: int = 10_000, seed: i
     return synthetic.Synthetic(kind, num_samples, seed)
 
 
-def _folder(name: str, data_root: Path) -> Dataset:
-    return folders.ImageFiles(folders.folder_images(name, data_root))
+def _folder(name: str, data_root: Path, *, transform: InputTransform = CIFAR) -> Dataset:
+    return folders.ImageFiles(folders.folder_images(name, data_root), transform)
 
 
-def _places(data_root: Path) -> Dataset:
-    return folders.ImageFiles(folders.places_images(data_root))
+def _places(data_root: Path, *, transform: InputTransform = CIFAR) -> Dataset:
+    return folders.ImageFiles(folders.places_images(data_root), transform)
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,11 @@ _SOURCES: dict[str, _Source] = {
     "tinyimages": _Source(tinyimages.build_tiny, tinyimages.locate_tiny),
     "random300k": _Source(tinyimages.build_random300k, tinyimages.locate_random300k),
     "sample_photos": _Source(_sample_photos),
+    imagenet.NAME: _Source(imagenet.build, imagenet.locate),
+    **{name: _Source(partial(imagenet.build_ood, name), partial(imagenet.ood_images, name))
+       for name in IMAGENET_OOD_DATASETS},
 }
-assert set(_SOURCES) == set(IN_DATASETS + OOD_DATASETS + AUX_DATASETS)
+assert set(_SOURCES) == set(IN_DATASETS + OOD_DATASETS + IMAGENET_OOD_DATASETS + AUX_DATASETS)
 
 
 def _folded(name: str) -> str:
@@ -127,7 +133,8 @@ def check_dataset_name(name: str, benchmark: str = DEFAULT_BENCHMARK) -> str:
         return splits.HELDOUT
     if _folded(name) not in _BY_FOLDED:
         raise UserError(f"unknown data set {name!r}. Known: in-distribution {', '.join(IN_DATASETS)}; OOD "
-                        f"{', '.join(OOD_DATASETS)}; auxiliary {', '.join(AUX_DATASETS)}; a digits open-set split "
+                        f"{', '.join(OOD_DATASETS + IMAGENET_OOD_DATASETS)}; "
+                        f"auxiliary {', '.join(AUX_DATASETS)}; a digits open-set split "
                         f"such as digits-012345 (in-distribution) with its near-OOD set {splits.HELDOUT}; "
                         "CIFAR-10 and CIFAR-100 are near-OOD sets of each other.")
     return _BY_FOLDED[_folded(name)]
@@ -154,7 +161,8 @@ def _source(name: str) -> _Source:
     return _SOURCES[name]
 
 
-def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = False, **options) -> Dataset:
+def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = False,
+                transform: InputTransform | None = None, **options) -> Dataset:
     """The data set ``name`` (one of ``IN_DATASETS``, ``OOD_DATASETS``, ``AUX_DATASETS``) under ``data_root``.
 
     ``train`` picks the training split and its augmentation for in-distribution sets, and the augmentation
@@ -162,6 +170,9 @@ def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = Fal
     ``gaussian``, ``rademacher``, ``blobs`` and ``sample_photos``; ``augment=False`` for the
     in-distribution sets (their training split without augmentation, as gradient tracking reads it). A
     missing file raises ``DataNotFoundError`` (a ``UserError``) that says where the file belongs and where to get it.
+    ``transform`` is the model's input transform (``utils.data.transforms``; None: the set's default), applied by
+    the sets of image files; the sets stored or generated at 32×32 accept CIFAR's only. ``ImageNet`` also takes
+    ``class_order``, the model's wnid of each class (labels follow it).
     """
     if splits.is_digits_split(name) and name == splits.split_name(name):
         return splits.digits_split(name, train, **_checked(name, options, ("augment",)))
@@ -169,7 +180,12 @@ def get_dataset(name: str, data_root: str | Path = "datasets", train: bool = Fal
     accepted = [parameter.name for parameter in inspect.signature(source.build).parameters.values()
                 if parameter.kind is parameter.KEYWORD_ONLY]
     options = _checked(name, options, accepted)
-    if name in OOD_DATASETS:
+    if transform is not None and "transform" in accepted:
+        options["transform"] = transform
+    elif transform not in (None, CIFAR):
+        raise UserError(f"{name} is stored or generated as 32x32 images; this model takes images through "
+                        f"{transform} (its checkpoint's input transform). Track a set of image files instead.")
+    if name in OOD_DATASETS + IMAGENET_OOD_DATASETS:
         if train:
             raise UserError(f"{name} is an OOD test set; it has no training split (train=True).")
         return source.build(Path(data_root), **options)
@@ -202,29 +218,37 @@ class SetSource:
         return True
 
 
-def resolve(name: str, in_dataset: str, benchmark: str = DEFAULT_BENCHMARK) -> SetSource:
+def resolve(name: str, in_dataset: str, benchmark: str = DEFAULT_BENCHMARK,
+            class_order: list[str] | None = None) -> SetSource:
     """The set ``name`` as tracked against ``in_dataset`` under ``benchmark``: ``TRAIN_SPLIT``, the ID test set
     (``in_dataset`` itself; under ``openood`` also its own name, e.g. ``cifar10``) or one of its near- and far-OOD
-    sets (``ood_group``); any other name is a ``UserError`` that lists them. OOD sets have label -1."""
+    sets (``ood_group``); any other name is a ``UserError`` that lists them. OOD sets have label -1. The sets
+    are built through the model's input transform; ``class_order`` (the model's wnid of each class, from its
+    checkpoint) labels ImageNet's ID sets."""
     if benchmark == openood.NAME:
         return _resolve_openood(name, in_dataset)
     if benchmark != DEFAULT_BENCHMARK:
         raise UserError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}.")
     locate = None if splits.is_digits_split(in_dataset) else _source(in_dataset).locate
+    labels = {"class_order": class_order} if class_order is not None else {}
     if name == TRAIN_SPLIT:
-        return SetSource(name, "train", lambda root, transform: get_dataset(in_dataset, root, train=True,
-                                                                            augment=False), locate)
+        return SetSource(name, "train", lambda root, transform: get_dataset(
+            in_dataset, root, train=True, transform=transform, augment=False, **labels), locate)
     if name == in_dataset:
-        return SetSource(name, "id", lambda root, transform: get_dataset(in_dataset, root), locate)
+        return SetSource(name, "id", lambda root, transform: get_dataset(in_dataset, root, transform=transform,
+                                                                         **labels), locate)
     if name in ood_group("near", in_dataset):
         if name == splits.HELDOUT:
             return SetSource(name, "near", lambda root, transform: splits.heldout(in_dataset))
-        return SetSource(name, "near", lambda root, transform: splits.AsOOD(get_dataset(name, root)),
+        return SetSource(name, "near", lambda root, transform: splits.AsOOD(get_dataset(name, root,
+                                                                                          transform=transform)),
                          _source(name).locate)
     if name in ood_group("far", in_dataset):
-        return SetSource(name, "far", lambda root, transform: get_dataset(name, root), _source(name).locate)
+        return SetSource(name, "far", lambda root, transform: get_dataset(name, root, transform=transform),
+                         _source(name).locate)
     raise UserError(f"{name} is not an OOD set of {in_dataset}: its near-OOD sets are "
-                    f"{', '.join(splits.near_ood(in_dataset)) or 'none'}, its far-OOD sets {', '.join(OOD_DATASETS)}.")
+                    f"{', '.join(splits.near_ood(in_dataset)) or 'none'}, its far-OOD sets "
+                    f"{', '.join(ood_group('far', in_dataset))}.")
 
 
 def _resolve_openood(name: str, in_dataset: str) -> SetSource:
@@ -258,12 +282,14 @@ def ood_test_set(name: str, in_dataset: str, data_root: str | Path = "datasets",
 
 def ood_group(group: str, in_dataset: str, benchmark: str = DEFAULT_BENCHMARK) -> tuple[str, ...]:
     """The OOD sets of ``group`` for ``in_dataset``: ``near`` (semantic shift: ``splits.near_ood``; under
-    ``openood``, its benchmark's near-OOD lists), ``far`` (the other sets, ``OOD_DATASETS``; OpenOOD's far
-    lists) or ``all`` (both), whether or not their data is present."""
+    ``openood``, its benchmark's near-OOD lists), ``far`` (the other sets, ``OOD_DATASETS``; for ImageNet
+    GradNorm's iNaturalist, SUN, Places and dtd; OpenOOD's far lists) or ``all`` (both), whether or not their data
+    is present."""
     if benchmark == openood.NAME:
         near, far = openood.benchmark(in_dataset).near, openood.benchmark(in_dataset).far
     else:
-        near, far = splits.near_ood(in_dataset), OOD_DATASETS
+        near = splits.near_ood(in_dataset)
+        far = imagenet.FAR_OOD if in_dataset == imagenet.NAME else OOD_DATASETS
     return {"near": near, "far": far, "all": near + far}[group]
 
 

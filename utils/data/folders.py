@@ -1,8 +1,9 @@
 """OOD test sets stored as image files: Textures (dtd), Places365, LSUN-C, LSUN-R and iSUN.
 
-Every image goes through Resize(32) + CenterCrop(32) + ToTensor as RGB, the test transform of ATOM's
-``eval_ood_detection.py`` for all of these sets (for the 36x36 LSUN-C images the resize does the work
-and the crop is a no-op; the 32x32 LSUN-R and iSUN images pass unchanged).
+Every image goes through the model's input transform as RGB (``utils.data.transforms``). For CIFAR models, the
+default, that is Resize(32) + CenterCrop(32) + ToTensor, the test transform of ATOM's ``eval_ood_detection.py``
+for all of these sets (for the 36x36 LSUN-C images the resize does the work and the crop is a no-op; the 32x32
+LSUN-R and iSUN images pass unchanged).
 """
 from pathlib import Path
 

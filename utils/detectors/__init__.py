@@ -24,8 +24,9 @@ nothing is ever averaged over a batch.
 
 Two ways out of the engine: a ``separate_pass`` detector computes its values itself (``scores``; ODIN
 differentiates with respect to the input and runs a second forward pass), and ``on_last_layer()`` gives a
-detector that tracks only the last Linear layer, computed from the penultimate features with no backward pass
-(``last_layer_scores``; ``--layers last``: its files say so in ``options`` and live in ``<name>-last/``).
+detector that tracks only the head (a Linear layer, or a 1×1 convolution on a 1×1 map as BiT's), computed from the
+penultimate features with no backward pass (``last_layer_scores``; ``--layers last``: its files say so in
+``options`` and live in ``<name>-last/``).
 
 A ``fit_first`` detector (GROOD, the low-dimensional gradient) needs a fit on ID training images before its pass:
 ``fit(model, training, …)`` returns a copy holding it (``from_state`` rebuilds one from a saved fit), and tracking
@@ -132,14 +133,18 @@ def last_layer_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Det
     """``--layers last``: each detector's values on the last tracked layer alone, from one forward pass and no
     backward pass through the network.
 
-    That layer is a Linear map of the penultimate features h that gives the logits, so the per-sample gradient
-    of a loss with dL/dlogits = δ is δhᵀ, of rank one: ‖δhᵀ‖₁ = ‖δ‖₁‖h‖₁ and ‖δhᵀ‖₂ = ‖δ‖₂‖h‖₂. A forward hook
-    keeps h; each detector's rows δ come from ``output_gradients``; its ``reduce`` sees that layer only (its
-    ``total`` is then that layer's value). TF32 is off unless ``tf32``, as in the engine. Returns the logits (B, K)
-    and each detector's ``Scores`` by name."""
+    That layer is a Linear map of the penultimate features h that gives the logits (or a 1×1 convolution of the
+    pooled 1×1 map, the same map), so the per-sample gradient of a loss with dL/dlogits = δ is δhᵀ, of rank one:
+    ‖δhᵀ‖₁ = ‖δ‖₁‖h‖₁ and ‖δhᵀ‖₂ = ‖δ‖₂‖h‖₂. A forward hook keeps h; each detector's ‖δ‖ per row comes from its
+    ``row_norms`` (closed forms for the K cross-entropy rows of min/max/exgrad: ‖p − e_k‖ with no (K, B, K) tensor,
+    so 1,000 classes cost O(K) a sample); its ``reduce`` sees that layer only (its ``total`` is then that layer's
+    value). TF32 is off unless ``tf32``, as in the engine. Returns the logits (B, K) and each detector's ``Scores``
+    by name."""
     (name, layer), = list(tracked_layers(model).items())[-1:]
-    if not isinstance(layer, nn.Linear):
-        raise ValueError(f"--layers last needs a Linear last layer; {name} is a {type(layer).__name__}")
+    pointwise = isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.padding == (0, 0)
+    if not (isinstance(layer, nn.Linear) or pointwise):
+        raise ValueError(f"--layers last needs a Linear or 1x1-convolution last layer; {name} is a "
+                         f"{type(layer).__name__}")
     kept = {}
     handle = layer.register_forward_hook(lambda module, args, output: kept.update(h=args[0], out=output))
     try:
@@ -147,15 +152,27 @@ def last_layer_scores(model: nn.Module, x: torch.Tensor, detectors: Sequence[Det
             logits = model(x)
     finally:
         handle.remove()
-    if kept.get("out") is not logits or kept["h"].dim() != 2:
-        raise ValueError(f"--layers last needs {name} to map (B, D) features to the model's logits")
-    h = kept["h"]
+    if not (_gives_logits(kept.get("out"), logits) and kept["h"].flatten(1).shape[1] == kept["h"].shape[1]):
+        raise ValueError(f"--layers last needs {name} to map (B, D) features (or a (B, D, 1, 1) map) to the model's "
+                         "logits")
+    h = kept["h"].flatten(1)
     h_norms = {1: h.abs().sum(1), 2: l2_norm(h.abs(), 1)}
-    rows = {d.rows: d.output_gradients(logits) for d in detectors}  # each distinct set once, (R, B, K)
+    row_norms = {}  # (rows, p) → (R, B), each distinct set once
     scores = {}
     for d in detectors:
-        delta = rows[d.rows]
-        norms = [{name: (delta.abs().sum(2) if p == 1 else l2_norm(delta.abs(), 2)) * h_norms[p]}
-                 for p, _ in d.requests(name)]
+        norms = []
+        for p, _ in d.requests(name):
+            if (d.rows, p) not in row_norms:
+                row_norms[d.rows, p] = d.row_norms(logits, p)
+            norms.append({name: row_norms[d.rows, p] * h_norms[p]})
         scores[d.name] = d.reduce(norms, logits)
     return logits, scores
+
+
+def _gives_logits(output: torch.Tensor | None, logits: torch.Tensor) -> bool:
+    """Whether the head's ``output`` is the logits: the same tensor, or (a 1×1 convolution's (B, K, 1, 1)) the
+    tensor whose view ``[..., 0, 0]`` they are."""
+    if output is None or output is logits:
+        return output is not None
+    return (output.dim() == 4 and output.shape[2:] == (1, 1) and output.shape[:2] == logits.shape
+            and output.data_ptr() == logits.data_ptr())

@@ -47,6 +47,28 @@ def cross_entropy_rows(logits: torch.Tensor) -> torch.Tensor:
     return others - labels * others.sum(2, keepdim=True)
 
 
+def cross_entropy_row(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """dL/dlogits of the cross-entropy with label ``labels[b]`` for each sample, (B, K): one row of
+    ``cross_entropy_rows`` per sample, without building the K of them."""
+    others = logits.softmax(1).scatter(1, labels[:, None], 0.0)
+    return others.scatter(1, labels[:, None], -others.sum(1, keepdim=True))
+
+
+def cross_entropy_row_norms(logits: torch.Tensor, p: int) -> torch.Tensor:
+    """‖softmax(z) − e_k‖_p of every label k, (K, B), in closed form with no (K, B, K) rows: with s_k = Σ_{j≠k} p_j
+    (= 1 − p_k), ‖·‖₁ = 2 s_k and ‖·‖₂² = Σ_{j≠k} p_j² + s_k². For the predicted label both sums are taken over the
+    other classes directly (1 − p_k and ‖p‖² − p_k² would cancel to 0 for a confident prediction); for any other
+    label p_k ≤ max_j p_j keeps the subtraction within a factor K of float precision."""
+    probs = logits.softmax(1)
+    top = probs.argmax(1, keepdim=True)
+    others = probs.scatter(1, top, 0.0)
+    rest = (probs.sum(1, keepdim=True) - probs).scatter(1, top, others.sum(1, keepdim=True))  # s_k, (B, K)
+    if p == 1:
+        return (2 * rest).T
+    squares = (probs.pow(2).sum(1, keepdim=True) - probs.pow(2)).scatter(1, top, others.pow(2).sum(1, keepdim=True))
+    return (squares.clamp_min(0) + rest.pow(2)).sqrt().T
+
+
 def ce_losses(logits: torch.Tensor) -> list[torch.Tensor]:
     """The cross-entropy with each label k, as a loop computes it."""
     return [F.cross_entropy(logits, torch.tensor([k], device=logits.device)) for k in range(logits.shape[1])]
@@ -70,7 +92,7 @@ class Detector:
     norm: int = 2
     sign: int = -1           # +1: a larger gradient means in-distribution
     headline = "total"       # the row a comparison reports: "total" or "last" (see headline_row)
-    last_layer_only = False  # ``--layers last``: only the last Linear layer is tracked (``last_layer_scores``)
+    last_layer_only = False  # ``--layers last``: only the head is tracked (``last_layer_scores``)
     separate_pass = False    # computes its own values (``scores``) instead of the engine's weight-gradient norms
     fits_on_training = False  # True: the rows are fit on the ID training images' file (NAC-UE, utils.coverage)
     fit_first = False        # True: its pass needs a fit on the ID training images made before it (``fit``)
@@ -78,6 +100,12 @@ class Detector:
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def row_norms(self, logits: torch.Tensor, p: int) -> torch.Tensor:
+        """‖dL/dlogits‖_p of each of its rows, (R, B): what ``--layers last`` multiplies by ‖h‖_p (a rank-one
+        gradient). From ``output_gradients`` unless a unit has a closed form that needs no (R, B, K) rows."""
+        rows = self.output_gradients(logits)
+        return rows.abs().sum(2) if p == 1 else l2_norm(rows.abs(), 2)
 
     def feature_gradients(self, logits: torch.Tensor) -> torch.Tensor | None:
         """dL/dfeatures (R, B, 1), broadcast over the head's inputs, of rows whose loss also depends on the pooled

@@ -13,6 +13,8 @@ from utils.detectors.base import (
     Scores,
     as_reference,
     ce_losses,
+    cross_entropy_row,
+    cross_entropy_row_norms,
     cross_entropy_rows,
     total_norm,
 )
@@ -30,6 +32,9 @@ class CrossEntropy(Detector):
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         return cross_entropy_rows(logits)
+
+    def row_norms(self, logits: torch.Tensor, p: int) -> torch.Tensor:
+        return cross_entropy_row_norms(logits, p)
 
     def _row(self, totals: torch.Tensor) -> torch.Tensor:
         return totals.argmin(0) if self.name == "min" else totals.argmax(0)
@@ -53,8 +58,7 @@ class Predicted(Detector):
     rows = "predicted"
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
-        rows = cross_entropy_rows(logits)  # (K, B, K)
-        return rows.gather(0, logits.argmax(1)[None, :, None].expand(1, *logits.shape))
+        return cross_entropy_row(logits, logits.argmax(1)).unsqueeze(0)
 
     def reduce(self, norms: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:
         layers = {name: v[0] for name, v in norms[0].items()}
@@ -86,6 +90,9 @@ class ExGrad(Detector):
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         return cross_entropy_rows(logits)
+
+    def row_norms(self, logits: torch.Tensor, p: int) -> torch.Tensor:
+        return cross_entropy_row_norms(logits, p)
 
     def requests(self, last_layer: str) -> tuple[tuple[int, frozenset[str] | None], ...]:
         return ((2, ALL_LAYERS), (1, frozenset({last_layer})))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.resnet import CifarResNet, ResNet18
+from models.torchvision_resnet import NormalizedResNet
 from models.wrn import WideResNet
 from utils.activation_rules import FEATURES
 from utils.detectors.base import (
@@ -25,6 +26,10 @@ def batchnorms(module: nn.Module, prefix: str = "") -> tuple[str, ...]:
     return tuple(f"{prefix}{name}" for name, m in module.named_modules() if isinstance(m, nn.BatchNorm2d))
 
 
+IN_PLACE = ("GAIA differentiates to BatchNorm outputs, which torchvision's ResNet overwrites in place (its ReLU and "
+            "residual sum), so the gradient there is not the BatchNorm output's")
+
+
 def gaia_a_targets(model: nn.Module) -> tuple[tuple[str, ...], str]:
     """GAIA-A's hooked BatchNorm outputs and its pre-head target: the official ``get_beforehead_hooks`` choice,
     mapped onto our architectures.
@@ -33,11 +38,15 @@ def gaia_a_targets(model: nn.Module) -> tuple[tuple[str, ...], str]:
       the feature map the head pools): every BatchNorm of the **last two stages** and the last stage's output.
       ResNet-18 is the official network (``layer3``, ``layer4``, shortcut BatchNorms included); ResNet-20/32/56
       have three stages, so ``layer2`` and ``layer3`` (option-A shortcuts: no BatchNorm there).
+    * Not torchvision's ResNet-50 (ImageNet): its in-place ReLU and residual sum overwrite the BatchNorm outputs
+      that GAIA differentiates to, so the engine's gradient there would not be the BatchNorm output's.
     * WRN-40-2 (official ``wrn_40_2``: every BatchNorm, then the ``AdaptiveAvgPool2d`` output): every BatchNorm
       and ``FEATURES``, the head's input, which is that pool's output flattened (ours pools functionally).
     """
     if isinstance(model, WideResNet):
         return batchnorms(model), FEATURES
+    if isinstance(model, NormalizedResNet):
+        raise ValueError(IN_PLACE)
     if isinstance(model, (CifarResNet, ResNet18)):
         stages = [name for name in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, name)]
         return sum((batchnorms(getattr(model, stage), f"{stage}.") for stage in stages[-2:]), ()), stages[-1]
@@ -135,6 +144,10 @@ class GaiaZ(ActivationDetector):
         return F.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype).unsqueeze(0)
 
     def activations(self, model: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        if isinstance(model, NormalizedResNet):
+            raise ValueError(IN_PLACE)
+        if not batchnorms(model):
+            raise ValueError(f"GAIA-Z differentiates to BatchNorm outputs; {type(model).__name__} has none")
         return (("nonzero", batchnorms(model)),)
 
     def reduce(self, results: list[dict[str, torch.Tensor]], logits: torch.Tensor) -> Scores:

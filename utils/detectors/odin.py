@@ -9,7 +9,7 @@ from torch import nn
 from utils.detectors.base import (
     Detector,
     Scores,
-    cross_entropy_rows,
+    cross_entropy_row,
 )
 from utils.per_sample import eval_mode, tf32_mode
 
@@ -56,8 +56,7 @@ class ODIN(Detector):
 
     def output_gradients(self, logits: torch.Tensor) -> torch.Tensor:
         """dL/dlogits of CE(f(x)/T, ŷ): (softmax(f(x)/T) − e_ŷ)/T, (1, B, K), without cancellation."""
-        rows = cross_entropy_rows(logits / self.temperature)  # (K, B, K)
-        return rows.gather(0, logits.argmax(1)[None, :, None].expand(1, *logits.shape)) / self.temperature
+        return cross_entropy_row(logits / self.temperature, logits.argmax(1)).unsqueeze(0) / self.temperature
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits / self.temperature).softmax(1).amax(1)
