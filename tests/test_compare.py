@@ -227,6 +227,7 @@ def test_protocol_mean_and_std_match_an_independent_computation_on_the_same_indi
     assert average["AUROC_std"] == pytest.approx(np.std(np.mean([r["draws"]["AUROC"] for r in per_set], axis=0)))
 
 
+@pytest.mark.slow
 def test_compare_under_the_protocol_equals_the_per_detector_tables_and_is_reproducible(roots, capsys):
     def compared(*extra: str) -> dict:
         run(roots, "--compare", "--protocol=energy_ood", "--ood-positive", *extra)

@@ -89,6 +89,7 @@ def test_gaia_z_counts_the_relus_that_are_on_after_the_last_batchnorm():
     torch.testing.assert_close(scores["gaia_z"].layers["bn"], expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resnet18_stage_choice_equals_its_official_definition():
     model = calibrated_model("resnet18", torch.float64)
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -98,6 +99,7 @@ def test_resnet18_stage_choice_equals_its_official_definition():
             assert_matches(as_rows(scores[name], i), DETECTORS[name].reference(model, image), 1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet20", "wrn40_2"])
 def test_a_sample_scores_the_same_in_any_batch(arch):
     """The official code scores a batch at once (eval mode makes samples independent): each image of a batch

@@ -327,6 +327,7 @@ def test_refuses_to_overwrite_a_model(tmp_path, root, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in (root / "CIFAR-10" / "r20").iterdir()} == written
 
 
+@pytest.mark.slow
 def test_an_imported_model_is_tracked_and_fine_tunable(tmp_path, root, capsys):
     """track_gradient.py runs on an imported model unchanged (a hand-converted file used to die with
     KeyError: 'name'), and train_energy.py's --pretrained reads the imported last.pt."""
@@ -347,6 +348,7 @@ def test_an_imported_model_is_tracked_and_fine_tunable(tmp_path, root, capsys):
     assert checkpoint["meta"]["arch"] == "resnet20" and checkpoint["meta"]["in_dataset"] == "digits"
 
 
+@pytest.mark.slow
 def test_train_energy_fine_tunes_an_imported_model(tmp_path, root, capsys):
     """energy_ood's recipe from a released model: train_energy.py --pretrained=<imported last.pt> with its margins.
     The imported cross-entropy model also draws track_gradient_original.py's mismatch warning."""

@@ -18,7 +18,11 @@ def test_parameter_count_matches_published(arch):
     assert millions == pytest.approx(PUBLISHED_PARAMS[arch], rel=0.03)
 
 
-@pytest.mark.parametrize("arch", models.ARCHS)
+IMAGENET_ARCHS = ("resnet50", "bit_r50x1", "bit_r101x1")  # full-size: their forward is slow for the fast loop
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in IMAGENET_ARCHS else a
+                                  for a in models.ARCHS])
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_output_shape(arch, num_classes):
     model = models.get_model(arch, num_classes).eval()

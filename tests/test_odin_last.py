@@ -43,7 +43,7 @@ def model(request):
     return cifar_normalised(request.param)
 
 
-@pytest.mark.parametrize("temperature, epsilon", [(1000.0, 0.0014), (1.0, 0.01)])
+@pytest.mark.parametrize("temperature, epsilon", [(1000.0, 0.0014), pytest.param(1.0, 0.01, marks=pytest.mark.slow)])
 def test_odin_equals_the_official_path_through_the_normalised_image(model, temperature, epsilon):
     """The batched step of ε on [0, 1] images equals the official code's step of ε/σ on normalised images, with
     its backward() to the normalised input; the official ε/σ copied onto [0, 1] images would not."""

@@ -62,6 +62,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_freed_memory_is_reused_rather_than_faulted_in_again():
     """A 64 MiB tensor allocated and freed 20 times: glibc maps it anew each time (16,384 fresh 4 KiB pages to fault

@@ -138,7 +138,7 @@ def test_the_readme_commands_parse_and_fail_cleanly_without_a_model(tmp_path, co
     assert "train_" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("score", ["min", "exgrad"])
+@pytest.mark.parametrize("score", ["min", pytest.param("exgrad", marks=pytest.mark.slow)])
 def test_shards_merge_into_the_single_process_file(roots, score):
     make_checkpoint(roots["checkpoint"], "net")
     common = ("--name=net", "--dataset=blobs", f"--score={score}", "--limit=9", "--batch-size=20")  # 2 images a batch

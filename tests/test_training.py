@@ -73,6 +73,7 @@ def test_energy_checkpoint_loads_to_identical_outputs(energy_run):
     assert float(row["energy_in"]) < 0 and float(row["lr"]) == 0.1
 
 
+@pytest.mark.slow
 def test_bce_checkpoint_loads_to_identical_outputs(tmp_path):
     outputs = train(train_original, tmp_path, "bce", "--epochs=1")
     model, meta = load_model("digits", "bce", epoch=1, root=tmp_path)
@@ -83,6 +84,7 @@ def test_bce_checkpoint_loads_to_identical_outputs(tmp_path):
     assert "energy_in" not in row and 0 <= float(row["test_acc"]) <= 100
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     # --workers=1: worker processes draw their augmentation seeds from the restored RNG state.
     args = ("--epochs=2", "--workers=1")
