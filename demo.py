@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     seed = [f"--seed={args.seed}"]
     # Training is bit-identical run to run with the same threads and kernels, and changes with them: say which.
     print(f"demo: {IN_DATASET} on {'cuda:' + gpu if gpu != '-1' else 'the CPU'}, torch {torch.__version__}, "
-          f"{describe_kernels(ENV)} (set them to change; the documented numbers are at these)", flush=True)
+          f"{ENV['OMP_NUM_THREADS']} threads and pinned kernels: {describe_kernels(ENV)} (set them to change; the "
+          "documented numbers are at these)", flush=True)
     # 781 training images: small batches give the few epochs enough optimizer steps.
     batches = ["--batch-size=32", "--oe-batch-size=64"]
     checkpoints, gradients, results = (f"--checkpoint-root={out / 'checkpoints'}",

@@ -198,7 +198,8 @@ def conv2d_paths(module: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p
                  ) -> dict[str, tuple[NormRule, float, int]]:
     """Every exact path of ``conv2d_norms`` for these shapes and p, by name: (path, estimated time = multiply-adds a
     sample × ``COST_PER_MULTIPLY_ADD``, elements a sample touches). The Gram identities give L2 norms only; a path
-    the rule does not offer here (``grouped`` beyond its shapes) is estimated at infinity."""
+    the rule does not offer here (``grouped`` beyond its shapes) is estimated at infinity; ``rank_one`` is one only
+    for a single output position."""
     R, _, O = grads.shape[:3]
     S, channels, kernel = math.prod(grads.shape[3:]), inputs.shape[1], math.prod(module.kernel_size)
     I, P = channels * kernel, math.prod(n + 2 * pad for n, pad in zip(inputs.shape[2:], module.padding))
@@ -206,8 +207,9 @@ def conv2d_paths(module: nn.Conv2d, inputs: torch.Tensor, grads: torch.Tensor, p
     grouped_offered = R == 1 and kernel > 1 and channels >= 8 and S >= 2 * channels
     paths = {"explicit": (_conv_explicit, cost["explicit"] * R * O * S * I, _explicit_elements(R, O, S, I)),
              "grouped": (_grouped, cost["grouped"] * R * O * S * I if grouped_offered else math.inf,
-                         inputs[0].numel() + R * O * S + R * O * I),
-             "rank_one": (_conv_rank_one, R * O + I if S == 1 else math.inf, I + R * O)}
+                         inputs[0].numel() + R * O * S + R * O * I)}
+    if S == 1:  # one output position: g aᵀ has rank one (exact only there)
+        paths["rank_one"] = (_conv_rank_one, R * O + I, I + R * O)
     if p == 2:
         paths["gram"] = (_conv_gram, cost["gram"] * S * S * (R * O + I), _gram_elements(R, O, S, I))
         paths["input_gram"] = (_conv_input_gram, cost["input_gram"] * (channels * P * P + S * S * (R * O + kernel)),
