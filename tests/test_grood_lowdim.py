@@ -3,6 +3,7 @@ its official code's path written here independently (OpenOOD's ``grood.py``: aut
 faiss L2 index; the official ``github_PCA.py`` / ``github_main.py``: ``vmap(grad)`` per-sample gradients, the
 NFK normalisation, the subspace iteration, ``knn``), in float64, and against the unit's plain batch-of-one loop
 (``reference``); their fit on the training split, tracked first, end to end."""
+import argparse
 import json
 
 import numpy as np
@@ -19,10 +20,28 @@ import track_gradient
 from tests.test_per_sample import calibrated_model
 from tests.test_track_gradient import load, make_checkpoint, roots  # noqa: F401  (the roots fixture)
 from tests.test_track_gradient import run as run_tracking
-from utils.detectors import DETECTORS, SCORE_ALL, TRACK_GRADIENT_SCORES, gradient_scores, rows_per_sample
+from utils.detectors import (
+    DETECTORS,
+    SCORE_ALL,
+    TRACK_GRADIENT_SCORES,
+    get_detector,
+    gradient_scores,
+    lowdim,
+    rows_per_sample,
+)
 from utils.detectors.grood import NOISE_KEPT, NOISE_SIGMA, grood_gradients, noise_prototype
-from utils.detectors.lowdim import LowDimFit, fit_lowdim, projections, subspace_start
+from utils.detectors.lowdim import (
+    PROJECTIONS,
+    LowDim,
+    LowDimFit,
+    fit_class_means,
+    fit_lowdim,
+    projections,
+    subspace_start,
+)
+from utils.errors import UserError
 from utils.metrics import ood_metrics
+from utils.tracking import detectors_from
 
 pytestmark = [pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -144,12 +163,11 @@ def official_per_sample(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([g.view(len(x), -1) for g in grads.values()], dim=1)
 
 
-def official_lowdim(model: nn.Module, train: torch.Tensor, test: torch.Tensor, k: int, seed: int):
-    """``pre_compute`` (z from the batch mean's backward × batch size; L from a batch-of-one loop, Σ(g_i − z)²/n;
-    I_2 = 1/sqrt(L), inf → 1 → the largest), ``truncated_svd_dataloader`` with iter = 10 on the explicit
-    Φ = I_2·(g − z), then ``save_low_dim_grad_feature`` and ``knn`` (K = 5, faiss IndexFlatL2 squared distances)."""
+def official_pre_compute(model: nn.Module, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pre_compute``: z from the batch mean's backward × batch size (batches of 4); L from a batch-of-one loop,
+    Σ(g_i − z)²/n; I_2 = 1/sqrt(L), inf → 1 → the largest."""
     total = 0
-    for batch in (train[:4], train[4:]):
+    for batch in train.split(4):
         model.zero_grad()
         torch.log(torch.sum(torch.exp(model(batch)), dim=1)).mean().backward()
         total = total + torch.cat([p.grad.view(-1) for p in model.parameters()]) * len(batch)
@@ -161,7 +179,22 @@ def official_lowdim(model: nn.Module, train: torch.Tensor, test: torch.Tensor, k
         fisher = fisher + torch.square(torch.cat([p.grad.view(-1) for p in model.parameters()]) - z)
     i_2 = 1 / torch.sqrt(fisher / len(train))
     i_2 = torch.where(torch.isinf(i_2), torch.full_like(i_2, 1), i_2)
-    i_2 = torch.where(i_2 == 1, torch.full_like(i_2, float(i_2.max())), i_2)
+    return z, torch.where(i_2 == 1, torch.full_like(i_2, float(i_2.max())), i_2)
+
+
+def official_knn(feat_log: np.ndarray, feat_log_val: np.ndarray, k: int) -> np.ndarray:
+    """``knn``: the normalizer, faiss IndexFlatL2's squared distances, −(the k-th smallest)."""
+    def normalizer(x):
+        return x / (np.linalg.norm(x, ord=2, axis=-1, keepdims=True) + 1e-10)
+
+    ftrain, ftest = normalizer(feat_log), normalizer(feat_log_val)
+    return -np.sort(((ftest[:, None] - ftrain[None]) ** 2).sum(2), axis=1)[:, k - 1]
+
+
+def official_lowdim(model: nn.Module, train: torch.Tensor, test: torch.Tensor, k: int, seed: int):
+    """``pre_compute``, ``truncated_svd_dataloader`` with iter = 10 on the explicit Φ = I_2·(g − z), then
+    ``save_low_dim_grad_feature`` and ``knn`` (K = 5)."""
+    z, i_2 = official_pre_compute(model, train)
     phi = i_2 * (official_per_sample(model, train) - z)
     omiga = subspace_start(len(train), k, seed, torch.float64)  # the official torch.randn((n, k)), then qr
     omiga = phi.T @ omiga
@@ -174,13 +207,31 @@ def official_lowdim(model: nn.Module, train: torch.Tensor, test: torch.Tensor, k
     v = omiga @ p
     feat_log = (phi @ v).numpy()
     feat_log_val = ((i_2 * (official_per_sample(model, test) - z)) @ v).numpy()
+    return z, i_2, v, feat_log_val, official_knn(feat_log, feat_log_val, 5)
 
-    def normalizer(x):
-        return x / (np.linalg.norm(x, ord=2, axis=-1, keepdims=True) + 1e-10)
 
-    ftrain, ftest = normalizer(feat_log), normalizer(feat_log_val)
-    d = np.sort(((ftest[:, None] - ftrain[None]) ** 2).sum(2), axis=1)[:, :5]
-    return z, i_2, v, feat_log_val, -d[:, -1]
+def official_class_means(model: nn.Module, train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor):
+    """The official ImageNet form: ``pre_compute``; ``cal_grad_per_class`` for each label (the backward of the sum
+    of the class's energies in each batch of 4, summed, over its count; minus z, times I_2); the columns at unit
+    norm (``generate_feature``: ``avg_grads / avg_grads_norm``); ``cal_fisher_vector`` · V for the training and test
+    images; ``knn`` with K = 10. Labels without images are not visited (the official code would divide by 0)."""
+    z, i_2 = official_pre_compute(model, train)
+    columns = []
+    for label in sorted(set(labels.tolist())):
+        sum_v, num = 0, 0
+        for inputs, targets in zip(train.split(4), labels.split(4)):
+            indices = torch.nonzero(targets == label)
+            if indices.shape[0] != 0:
+                model.zero_grad()
+                torch.log(torch.sum(torch.exp(model(inputs[indices[:, 0]])), dim=1)).sum().backward()
+                sum_v = sum_v + torch.cat([p.grad.view(-1) for p in model.parameters()])
+                num = num + indices.shape[0]
+        columns.append((i_2 * (sum_v / num - z)).unsqueeze(1))
+    v = torch.cat(columns, 1)
+    v = v / torch.norm(v, dim=0).unsqueeze(0)
+    feat_log = ((i_2 * (official_per_sample(model, train) - z)) @ v).numpy()
+    feat_log_val = ((i_2 * (official_per_sample(model, test) - z)) @ v).numpy()
+    return v, feat_log, feat_log_val, official_knn(feat_log, feat_log_val, 10)
 
 
 def test_lowdim_equals_the_official_path_and_the_plain_loop():
@@ -199,6 +250,65 @@ def test_lowdim_equals_the_official_path_and_the_plain_loop():
     for i, image in enumerate(test):
         assert detector.reference(model, image)["total"] == pytest.approx(scores["lowdim"].total[i].item(), rel=1e-10)
     assert fit.describe()["components"] == 4 and fit.num_train == 10
+
+
+def test_lowdim_class_means_equal_the_official_imagenet_path_and_the_plain_loop():
+    """The ImageNet form on 14 training images of 4 of the 10 classes: the directions, the training and test
+    projections and the K = 10 scores against the official path; both projections; the plain loop."""
+    model = tiny_model()
+    train = training_set(model, 14, 8).tensors[0]
+    labels = torch.tensor([0, 1, 2, 3] * 3 + [7, 7])
+    test = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    fit = fit_class_means(model, TensorDataset(train, labels), CPU, 3)
+    v, feat_log, feat_log_val, expected = official_class_means(model, train, labels, test)
+    assert fit.subspace == "class_means" and fit.directions.shape == (v.shape[0], 5) and fit.num_train == 14
+    torch.testing.assert_close(fit.directions, v, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(fit.train_features.numpy(), feat_log / np.linalg.norm(feat_log, axis=1, keepdims=True),
+                               rtol=1e-8, atol=1e-12)
+    for projection in PROJECTIONS:
+        detector = get_detector("lowdim", lowdim_subspace="class_means", lowdim_projection=projection).with_fit(fit)
+        _, scores = gradient_scores(model, test, [detector])
+        np.testing.assert_allclose(scores["lowdim"].features["lowdim"].numpy(), feat_log_val, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(scores["lowdim"].total.numpy(), expected, rtol=1e-8)
+    for i, image in enumerate(test):
+        assert detector.reference(model, image)["total"] == pytest.approx(scores["lowdim"].total[i].item(), rel=1e-10)
+    with pytest.raises(ValueError, match="a class_means fit for the principal subspace"):
+        DETECTORS["lowdim"].with_fit(fit)
+
+
+def test_lowdim_projection_by_gradients_equals_the_forward_mode_one():
+    model = tiny_model()
+    train = training_set(model, 8, 8)
+    fit = fit_lowdim(model, train, CPU, 3, components=5)
+    test = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    jvp_path, gradient_path = (gradient_scores(model, test, [LowDim(fit, "principal", p)])[1]["lowdim"]
+                               for p in PROJECTIONS)
+    torch.testing.assert_close(gradient_path.features["lowdim"], jvp_path.features["lowdim"], rtol=1e-9, atol=1e-12)
+
+
+def test_a_subspace_larger_than_the_free_memory_is_refused_before_any_pass(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(lowdim, "free_memory", lambda device: 1000)
+    passes = []
+    monkeypatch.setattr(lowdim, "per_sample_gradients", lambda *a: passes.append(1))
+    for fit in (fit_lowdim, fit_class_means):
+        with pytest.raises(UserError, match=r"holds \d x 418 parameters x 10 directions \(0\.\d MB of "
+                                            r"torch.float64\) while it fits, and cpu has 0\.0 MB free"):
+            fit(model, training_set(model, 10, 8), CPU, 4)
+    assert not passes
+
+
+def test_the_imagenet_form_is_the_default_on_imagenet_and_the_fit_follows_the_option():
+    args = argparse.Namespace(score="lowdim", layers="all", in_dataset="ImageNet", lowdim_subspace=None,
+                              lowdim_projection="gradients")
+    detector, = detectors_from(args)
+    assert (detector.subspace, detector.projection, detector.options()) == ("class_means", "gradients",
+                                                                           {"subspace": "class_means"})
+    detector, = detectors_from(argparse.Namespace(**{**vars(args), "in_dataset": "CIFAR-10"}))
+    assert detector.subspace == "principal"
+    detector, = detectors_from(argparse.Namespace(**{**vars(args), "lowdim_subspace": "class_means",
+                                                     "in_dataset": "digits"}))
+    assert detector.subspace == "class_means"
 
 
 def test_lowdim_subspace_is_the_top_principal_directions():
@@ -277,3 +387,10 @@ def test_tracking_fits_on_the_training_split_first(roots, name, limit):  # noqa:
     compute_gradient_metrics.main([*common, "--compare"])
     comparison = json.loads((results / "digits/net/compare/comparison.json").read_text())
     assert {(r["name"], r["row"]) for r in comparison["rows"] if r["kind"] == "detector"} == {(name, "total")}
+    if name == "lowdim":  # the other subspace: a new fit, the training file and the set re-tracked under it
+        run_tracking(track_gradient, roots, "--name=net", "--dataset=gaussian", "--score=lowdim", f"--limit={limit}",
+                     "--lowdim-subspace=class_means", "--lowdim-projection=gradients")
+        saved = torch.load(folder / "fit.pt", weights_only=True)
+        assert saved["state"]["subspace"] == "class_means" and saved["options"] == {"subspace": "class_means"}
+        assert load(roots, "net", name, "gaussian")["fit"] == load(roots, "net", name, "train")["fit"]
+        assert load(roots, "net", name, "gaussian")["fit"]["subspace"] == "class_means"

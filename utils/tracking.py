@@ -32,6 +32,7 @@ from utils.data import (
     resolve,
 )
 from utils.data.imagenet import CLASS_ORDER_KEY
+from utils.data.imagenet import NAME as IMAGENET
 from utils.data.transforms import InputTransform
 from utils.detectors import (
     SCORE_ALL,
@@ -41,6 +42,8 @@ from utils.detectors import (
     gradient_scores,
     rows_per_sample,
 )
+from utils.detectors.lowdim import PROJECTIONS as LOWDIM_PROJECTIONS
+from utils.detectors.lowdim import SUBSPACES as LOWDIM_SUBSPACES
 from utils.energy import energy_score
 from utils.errors import UserError
 from utils.feature_baselines import PENULTIMATE
@@ -94,6 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser, with_score: bool) -> None:
         parser.add_argument("--epsilon", type=float, default=0.0014,
                             help="ODIN's perturbation step on [0, 1] images (the official code's: it divides its "
                                  "step on normalised images by the std); 0.0014 in OpenOOD's CIFAR config")
+        parser.add_argument("--lowdim-subspace", choices=LOWDIM_SUBSPACES,
+                            help="the low-dimensional gradient's subspace: principal (the top-200 principal "
+                                 "directions, KNN k = 5: the paper's CIFAR form) or class_means (each class's mean "
+                                 "normalised gradient, KNN k = 10: its ImageNet form); default class_means for "
+                                 f"--in-dataset={IMAGENET}, principal otherwise")
+        parser.add_argument("--lowdim-projection", choices=LOWDIM_PROJECTIONS, default="jvp",
+                            help="how the low-dimensional gradient projects: jvp (forward-mode products, no "
+                                 "per-sample gradient formed: a few forward passes per direction) or gradients "
+                                 "(per-sample gradients of a few images at a time times the directions: a few "
+                                 "forward passes in all, for images x parameters floats of memory)")
     parser.add_argument("--layers", choices=("all", "last"), default="all",
                         help="last: track only the head (a Linear layer, or a 1x1 convolution on a 1x1 map as BiT's), "
                              "from the penultimate features with no backward pass (GradNorm's and ExGrad's paper "
@@ -266,8 +279,10 @@ def detectors_from(args: argparse.Namespace) -> list[Detector]:
     ``track_gradient_original.py`` (no ``--score``)."""
     score = getattr(args, "score", None)
     names = SCORE_ALL if score == "all" else [score]
+    subspace = getattr(args, "lowdim_subspace", None) or ("class_means" if args.in_dataset == IMAGENET else "principal")
     detectors = [get_detector(name, getattr(args, "temperature", 1.0), getattr(args, "odin_temperature", 1000.0),
-                              getattr(args, "epsilon", 0.0014)) for name in names]
+                              getattr(args, "epsilon", 0.0014), subspace, getattr(args, "lowdim_projection", "jvp"))
+                 for name in names]
     if args.layers == "all":
         return detectors
     if score != "all" and not detectors[0].has_weight_gradients:
@@ -346,15 +361,17 @@ def fitted_on_training(detector: Detector, model: nn.Module, model_info: dict, t
                        args: argparse.Namespace, device: torch.device, refit: bool) -> Detector:
     """``detector`` fit on the ID training subset ``training`` (``training_subset``: ``--limit`` images), saved
     beside its files as ``fit.pt`` (``torch.save``, read back with ``weights_only=True``) and reused while it is of
-    this model — and, with ``refit`` (``--dataset train``), of this many images."""
+    model and of its options — and, with ``refit`` (``--dataset train``), of this many images."""
     path = gradient_path(args.in_dataset, args.name, detector.name, TRAIN_SPLIT, args.gradient_root).with_name("fit.pt")
     if path.is_file():
         saved = torch.load(path, map_location=device, weights_only=True)
-        if saved["model"] == model_info and (not refit or saved["state"]["num_train"] == len(training)):
+        if (saved["model"] == model_info and saved.get("options", {}) == detector.options()
+                and (not refit or saved["state"]["num_train"] == len(training))):
             return detector.from_state(saved["state"])
     print(f"{detector.name}: fitting on {len(training)} in-distribution training images")
     fitted = detector.fit(model, training, device, args.batch_size)
-    atomic_write(path, lambda f: torch.save({"model": model_info, "state": fitted.fitted.state()}, f))
+    atomic_write(path, lambda f: torch.save({"model": model_info, "options": detector.options(),
+                                             "state": fitted.fitted.state()}, f))
     print(f"saved {path}")
     return fitted
 

@@ -68,15 +68,18 @@ TRACK_GRADIENT_SCORES = tuple(name for name, d in DETECTORS.items() if d.script 
 SCORE_ALL = tuple(name for name in TRACK_GRADIENT_SCORES if DETECTORS[name].in_score_all)  # what --score all tracks
 
 
-def get_detector(name: str | None, temperature: float = 1.0, odin_temperature: float = 1000.0,
-                 epsilon: float = 0.0014) -> Detector:
+def get_detector(name: str | None, temperature: float = 1.0, odin_temperature: float = 1000.0, epsilon: float = 0.0014,
+                 lowdim_subspace: str = "principal", lowdim_projection: str = "jvp") -> Detector:
     """The detector called ``name`` (None or ``original``: the confounding label); ``temperature`` for GradNorm,
-    ``odin_temperature`` and ``epsilon`` for ODIN."""
+    ``odin_temperature`` and ``epsilon`` for ODIN, ``lowdim_subspace`` and ``lowdim_projection`` for the
+    low-dimensional gradient."""
     name = name or "original"
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
     if name == "odin":
         return ODIN(odin_temperature, epsilon)
+    if name == "lowdim":
+        return LowDim(subspace=lowdim_subspace, projection=lowdim_projection)
     return GradNorm(temperature) if name == "gradnorm" else DETECTORS[name]
 
 
