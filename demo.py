@@ -26,6 +26,7 @@ from utils.demo_reference import format_check, load_reference, run_values
 from utils.runtime import describe_kernels, get_device, pinned_kernel_env, run_script
 
 IN_DATASET = "digits-012345"  # 6 known classes, 4 unknown: the ratio of Neal et al.'s MNIST splits
+QUICK_LIMIT = 100  # images a set in the smoke run (--quick), the test suite's
 OOD_SETS = ("heldout", "gaussian", "rademacher", "blobs")  # near-OOD first
 ROOT = Path(__file__).resolve().parent
 ENV = pinned_kernel_env()  # the thread count and kernels the documented numbers were computed with
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out).resolve()
     # As many optimizer steps as 8, 3 and 10 epochs of all ten digits (1,297 training images; the split has 781)
-    epochs, finetune_epochs, bce_epochs, limit = ("8", "3", "7", "200") if args.quick else ("13", "5", "17", "1000")
+    epochs, finetune_epochs, bce_epochs, limit = ("5", "2", "5", QUICK_LIMIT) if args.quick else ("13", "5", "17", 1000)
     # Without CUDA, say so here once rather than in each of the scripts, and ask them for the CPU.
     gpu = args.gpu if get_device(args.gpu).type == "cuda" else "-1"
     common = [f"--in-dataset={IN_DATASET}", f"--gpu={gpu}"]

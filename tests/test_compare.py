@@ -72,6 +72,7 @@ def records(roots, detector: str) -> tuple[dict, dict[str, dict]]:
 
 # ---- the comparison -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_compare_equals_the_per_detector_tables(roots, capsys):
     run(roots, "--compare", "--combine=none")
     out = capsys.readouterr().out
@@ -140,6 +141,7 @@ def test_compare_leaves_out_sets_not_tracked_for_every_detector(roots, capsys):
         "LSUN", "SVHN", "average"]
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_compare_plot_writes_a_layer_figure_per_detector(roots, capsys):
     run(roots, "--compare", "--plot")
     folder = roots[1] / "CIFAR-10" / "resnet" / "compare"
@@ -201,6 +203,7 @@ def independent_fpr95(positive, negative) -> float:
     raise AssertionError("unreachable")
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_protocol_mean_and_std_match_an_independent_computation_on_the_same_indices(roots):
     run(roots, "--saved_form=norm_single", "--score=min", "--dataset=all", "--protocol=energy_ood",
         "--ood-positive", "--seed=3")

@@ -165,6 +165,7 @@ def test_flip_inverts_the_gradient_score_only(roots):
             assert row["AUPR_IN"] != pytest.approx(plain[row["row"]]["AUPR_IN"])
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_plot_writes_histogram_and_roc_figures(roots, capsys):
     run(roots, *NORM_MIN, "--dataset=LSUN", "--plot")
     folder = roots[1] / "CIFAR-10" / "resnet" / "norm_single-min"

@@ -1,6 +1,6 @@
 """The demo end to end (``demo.py --quick``): real scripts, bundled data, numbers that mean something.
 
-Slow for a test (about two minutes on two CPU cores): it trains three small models. The checks are
+Slow for a test (about four minutes on two CPU cores): it trains three small models. The checks are
 "better than chance", never equality with a constant.
 """
 import csv
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from demo import IN_DATASET
+from demo import IN_DATASET, QUICK_LIMIT
 from utils.data import get_dataset, ood_test_set
 from utils.detectors import SCORE_ALL, get_detector
 from utils.feature_baselines import FEATURE_BASELINES
@@ -60,7 +60,7 @@ def test_gradient_files_cover_every_set_with_the_limit(demo):
         for dataset in (IN_DATASET, *OOD_SETS):
             record = load_gradients(gradient_path(IN_DATASET, name, score, dataset, demo / "gradients"))
             size = len(get_dataset(dataset) if dataset == IN_DATASET else ood_test_set(dataset, IN_DATASET))
-            assert record["num_samples"] == min(200, size)
+            assert record["num_samples"] == min(QUICK_LIMIT, size)
             if score == "odin":  # one row: the perturbed max softmax
                 assert len(record["layers"]) == 1
             elif get_detector(score).has_weight_gradients:  # ResNet-20's 20 tracked weights

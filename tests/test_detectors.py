@@ -53,6 +53,7 @@ def test_each_detector_equals_its_batch_of_one_definition(model_and_images, name
         assert_matches(as_rows(scores[name], i), detector.reference(model, image), 1e-10)
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_all_detectors_in_one_pass_equal_each_alone(model_and_images):
     model, x = model_and_images
     detectors = [DETECTORS[name] for name in TRACK_GRADIENT_SCORES if not DETECTORS[name].fit_first]
@@ -90,7 +91,8 @@ def test_gradnorm_last_layer_is_the_rank_one_product():
     torch.testing.assert_close(scores["gradnorm"].layers["fc.weight"], expected, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("name", ["gradnorm", "min", "exgrad"])
+@pytest.mark.parametrize("name", ["gradnorm", pytest.param("min", marks=pytest.mark.slow),
+                                  pytest.param("exgrad", marks=pytest.mark.slow)])
 def test_a_sample_scores_the_same_in_any_batch(name):
     """A per-sample score must never become a per-batch one: each image of a batch mixing digits-like images and
     noise gets exactly its batch-of-one value, whatever shares its batch."""

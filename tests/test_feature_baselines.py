@@ -389,6 +389,7 @@ def test_rows_in_the_tables_and_the_comparison_fit_on_training_images_only(tmp_p
     assert {"Mahalanobis", "KNN", "RMDS"} <= rows and not rows & set(HEAD_BASELINES)
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_tracking_stores_the_last_linear_layers_input_and_the_head(tmp_path):
     model = make_checkpoint(tmp_path / "c", "net")
     run_script(lambda: track_gradient.main(["--name=net", "--dataset=train", "--score=all", "--limit=11",

@@ -34,6 +34,7 @@ def bn_names(module: nn.Module, prefix: str) -> list[str]:
     return [f"{prefix}.{name}" for name, m in module.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_the_official_layer_choice_is_mapped_onto_each_architecture():
     """hook.py: resnet18/34/50 hook the BatchNorms of layer3 and layer4, then layer4's output; wrn_40_2 every
     BatchNorm, then the pooled features; cal_zero's bn hooks are every BatchNorm."""
@@ -50,7 +51,7 @@ def test_the_official_layer_choice_is_mapped_onto_each_architecture():
     assert DETECTORS["gaia_z"].activations(wrn) == (("nonzero", every),) and batchnorms(wrn) == every
 
 
-@pytest.mark.parametrize("arch", ["resnet20", "wrn40_2"])
+@pytest.mark.parametrize("arch", ["resnet20", pytest.param("wrn40_2", marks=pytest.mark.slow)])
 def test_gaia_a_output_component_is_the_head_gradient(arch):
     """An independent check of o: dΣ_k log softmax_k/dh = Wᵀ(1 − K·p) at the pooled features h (a ResNet's last
     feature map is averaged into h: its spatial mean of the gradient is that over H·W). The inner component does
@@ -127,6 +128,7 @@ def test_gaia_signs_follow_the_official_ranking():
     assert list(detection_score(np.array([1.0, 2.0]), "norm_single", "gaia_a")) == [-1.0, -2.0]
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_tracked_files_are_read_by_the_per_layer_tables_and_the_comparison(roots, capsys):  # noqa: F811
     """track_gradient.py --score=gaia_a/gaia_z/nac_ue writes the real format (GAIA: rows per BatchNorm; NAC: rows
     per layer and the states in features; the official score in total); compute_gradient_metrics.py scores them
@@ -162,6 +164,7 @@ def test_tracked_files_are_read_by_the_per_layer_tables_and_the_comparison(roots
 
 # ---- NAC-UE -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_nac_layers_map_the_official_choice():
     """Official CIFAR ResNet-18: avgpool, layer3, layer2, layer1 (every stage but the last, and the pooled features)."""
     assert nac_layers(calibrated_model("resnet18", torch.float32)) == (FEATURES, "layer3", "layer2", "layer1")
@@ -170,7 +173,7 @@ def test_nac_layers_map_the_official_choice():
     assert NAC_HYPER[10][0] == (100, 50, 50)  # nac_cifar10.yml, avgpool: sig_alpha 100, M 50, O 50
 
 
-@pytest.mark.parametrize("arch", ["resnet20", "wrn40_2", "resnet18"])
+@pytest.mark.parametrize("arch", ["resnet20", "wrn40_2", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_nac_states_equal_the_official_definition(arch):
     model = calibrated_model(arch, torch.float64)
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
@@ -231,6 +234,7 @@ def test_coverage_scores_equal_the_official_estimator():
     assert fit.num_samples == 200 and total.max() > 0
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_nac_is_fit_on_the_training_file_only(roots):  # noqa: F811
     """track_gradient.py --score=nac_ue tracks the training split first and scores every set under its fit; more
     test sets leave the fit (and train.pkl) unchanged, another training file changes every score."""

@@ -194,6 +194,7 @@ def test_resnet50_gradnorm_equals_openoods_postprocessor(tmp_path):
     assert (tmp_path / "results" / "ImageNet" / "rn" / "norm_single-gradnorm-last" / "dtd.json").is_file()
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_tracking_refuses_k_rows_and_a_missing_training_split_before_any_work(tmp_path, capsys):
     torch.save(torchvision_resnet().state_dict(), tmp_path / "resnet50.pth")
     assert run_import(tmp_path / "checkpoints", str(tmp_path / "resnet50.pth"), "--source=torchvision",

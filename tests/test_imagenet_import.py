@@ -52,6 +52,7 @@ def torchvision_resnet(seed: int = 0) -> ResNet:
     return model.eval()
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_torchvision_file_imports_exactly_with_its_own_transform(tmp_path):
     source = torchvision_resnet()
     torch.save(source.state_dict(), tmp_path / "resnet50-random.pth")

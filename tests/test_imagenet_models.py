@@ -41,6 +41,7 @@ def tiny_resnet50(num_classes: int = 5) -> nn.Module:
     return randomised(models.get_model("resnet50", num_classes, layers=(1, 1, 1, 1)))
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_resnet50_is_torchvisions_own_with_the_normalisation_in_front():
     ours = models.get_model("resnet50", 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).eval()
     theirs = torchvision.models.resnet50().eval()

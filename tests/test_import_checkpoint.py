@@ -213,6 +213,7 @@ def test_oe_wrn_imports_exactly(tmp_path, root, in_dataset, data_parallel, count
         assert_same_outputs(model(x), oe_forward(state, x))
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 @pytest.mark.parametrize("in_dataset", ["CIFAR-10", "CIFAR-100"])
 def test_openood_resnet18_imports_exactly_with_its_own_normalisation(tmp_path, root, in_dataset):
     classes = 10 if in_dataset == "CIFAR-10" else 100
@@ -246,6 +247,7 @@ def test_origin_pruned_resnet20_applies_the_masks(tmp_path, root):
         assert_same_outputs(model(x), resnet_forward(state, x, "linear", masks=True))
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_origin_resnet18_and_overrides(tmp_path, root):
     """The origin's train.py ResNet-18 (``linear``, cross-entropy), with --mean/--std and --loss given."""
     state = resnet_state(10, RESNET18, "linear", option_b=True, seed=3)

@@ -38,7 +38,7 @@ def images(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.fixture(scope="module", params=["resnet20", "wrn40_2"])
+@pytest.fixture(scope="module", params=["resnet20", pytest.param("wrn40_2", marks=pytest.mark.slow)])
 def model(request):
     return cifar_normalised(request.param)
 
@@ -162,6 +162,7 @@ def test_odin_options_are_recorded_and_other_options_retrack(roots):
     assert load(roots, "net", "gradnorm", "digits")["options"] == {"temperature": 1.0}
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_last_layer_files_live_beside_the_full_ones_and_equal_their_last_layer(roots):
     make_checkpoint(roots["checkpoint"], "net")
     common = ("--name=net", "--dataset=gaussian", "--limit=5", "--batch-size=4")
@@ -214,6 +215,7 @@ def test_score_all_with_last_layer_equals_single_runs_and_leaves_odin_out(roots,
     assert "ODIN perturbs the input" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_odin_reads_in_the_per_layer_tables_and_the_comparison(roots, capsys):
     make_checkpoint(roots["checkpoint"], "net")
     for score in ("odin", "gradnorm"):

@@ -146,6 +146,7 @@ def make_cifar10_checkpoint(root: Path, name: str) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_tracking_and_compare_under_openood(tmp_path, capsys):
     data, checkpoints, gradients, results = (tmp_path / d for d in ("data", "checkpoints", "gradients", "results"))
     written = write_benchmark(data)

@@ -136,6 +136,7 @@ def test_confident_predictions_keep_float32_precision():
     assert relative_error(torch.stack(list(scores["pred"].layers.values()), 1).double(), expected) < 1e-4
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_tracking_runs_in_eval_mode_and_leaves_the_model_as_it_was():
     model = calibrated_model("wrn40_2", torch.float32).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -77,6 +77,7 @@ def test_freed_memory_is_reused_rather_than_faulted_in_again():
     assert faults("keep") < fresh / 2
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_pinned_kernels_are_set_where_unset_and_reach_a_child(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting wins
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)

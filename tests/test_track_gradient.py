@@ -49,6 +49,7 @@ def load(roots: dict, name: str, score: str | None, dataset: str) -> dict:
     return load_gradients(gradient_path("digits", name, score, dataset, roots["gradient"]))
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_tracks_the_ood_set_and_first_the_in_distribution_set(roots):
     model = make_checkpoint(roots["checkpoint"], "net")
     run(track_gradient, roots, "--name=net", "--dataset=rademacher", "--score=max", "--limit=7", "--batch-size=30")
@@ -138,7 +139,8 @@ def test_the_readme_commands_parse_and_fail_cleanly_without_a_model(tmp_path, co
     assert "train_" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("score", ["min", pytest.param("exgrad", marks=pytest.mark.slow)])
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
+@pytest.mark.parametrize("score", ["min", "exgrad"])
 def test_shards_merge_into_the_single_process_file(roots, score):
     make_checkpoint(roots["checkpoint"], "net")
     common = ("--name=net", "--dataset=blobs", f"--score={score}", "--limit=9", "--batch-size=20")  # 2 images a batch
@@ -172,6 +174,7 @@ def test_shards_are_cut_at_batch_boundaries():
     assert [(p.start, p.stop) for p in (Part.of(2, 4, (i, 2)) for i in range(2))] == [(0, 0), (0, 2)]
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_score_all_writes_each_detector_s_file_as_its_own_run_would(roots):
     """One forward and one backward pass for every detector of track_gradient.py; each file holds what the
     single-detector run writes (the same batches of 2 images: 34 rows = 2 × (K + 7) here, 2 × K, 2 × 2 (GAIA-A)

@@ -170,6 +170,7 @@ def test_pretrained_fine_tunes_with_the_papers_defaults(energy_run, tmp_path):
                            "--model-arch=resnet32", f"--pretrained={checkpoint}"])
 
 
+@pytest.mark.slow  # over a second here: in the full suite, out of the fast loop
 def test_warm_up_trains_cross_entropy_alone_then_lambda_ramps_up(tmp_path, capsys):
     schedule = ("--epochs=3", "--energy-warmup=0.34", "--energy-ramp=0.34")  # 1 epoch each: λ = 0, λ/2, λ
     warm = train(train_energy, tmp_path, "warm", *schedule)
