@@ -7,7 +7,8 @@ For each run (a training seed and, on digits, an open-set split of its own), it 
    (``train_original.py``);
 2. tracks, on the in-distribution training subset (``--dataset train``: what the combined row, Mahalanobis
    and KNN are fit on), the ID test set and every near- and far-OOD set present, every detector of
-   ``track_gradient.py --score all`` on ``ce`` and on ``energy`` and the confounding label on ``bce``;
+   ``track_gradient.py --score all`` on ``ce`` and on ``energy`` (and, by name, the low-dimensional gradient,
+   which ``--score all`` leaves out for its cost) and the confounding label on ``bce``;
 3. compares them (``compute_gradient_metrics.py --compare``) and reads each row's metrics per OOD set.
 
 Each row's near-OOD and far-OOD figures are the unweighted mean over the sets of the group in one run; the
@@ -22,13 +23,13 @@ is another split, the spread between runs hides gaps that every run shows, so ea
 
 Rows are sorted by the paired difference (near-OOD, far-OOD where there is no near set), then by the mean
 rank. New detectors of ``utils/detectors/`` and baselines of ``utils/feature_baselines/`` appear without an
-edit here: ``--score all`` tracks every detector and ``--compare`` reports every tracked one and every
-baseline.
+edit here: ``--score all`` tracks every detector (but those in ``BY_NAME``, tracked by name) and ``--compare``
+reports every tracked one and every baseline.
 
 Near-OOD: the held-out classes of a digits open-set split (``heldout``), CIFAR-100 for CIFAR-10 and the
 reverse. Far-OOD: the seed's six sets and the synthetic ones, those present (``utils.data.ood_group``).
 
-    python bench/benchmark.py                                 # digits open-set splits, 3 runs, CPU (~30 min)
+    python bench/benchmark.py                                 # digits open-set splits, 3 runs, CPU (~43 min)
     python bench/benchmark.py --in-dataset CIFAR-10 --gpu 0   # CIFAR, where the data and a GPU are
     python bench/benchmark.py --quick                         # a smoke run (what the tests run)
     python bench/benchmark.py --in-dataset CIFAR-10 --benchmark openood --gpu 0   # OpenOOD v1.5's lists
@@ -99,6 +100,12 @@ PLANS = {
 }
 
 
+# Detectors that --score all leaves out for their cost, tracked by name: the low-dimensional gradient (its paper's
+# CIFAR form), projected through per-sample gradients, 50x faster than its forward-mode products on ResNet-20
+# (docs/detectors_2024.md#cost).
+BY_NAME = {"lowdim": ("--lowdim-projection=gradients",)}
+
+
 def run(script: str, *args: str) -> None:
     print(f"\n$ python {script} {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, str(ROOT / script), *args], check=True, cwd=ROOT, env=ENV)
@@ -141,6 +148,9 @@ def train_and_track(in_dataset: str, seed: int, plan: Plan, gpu: str, folder: Pa
         for name in ("ce", "energy"):
             run("track_gradient.py", f"--name={name}", f"--dataset={dataset}", "--score=all", *track)
         run("track_gradient_original.py", "--name=bce", f"--dataset={dataset}", *track)
+    for name in ("ce", "energy"):  # one run each: the fit, the training subset's file first, then every set
+        for score, options in BY_NAME.items():
+            run("track_gradient.py", f"--name={name}", "--dataset=all", f"--score={score}", *options, *track)
     for name in MODELS:
         run("compute_gradient_metrics.py", f"--name={name}", "--compare", f"--in-dataset={in_dataset}",
             f"--gradient-root={folder / 'gradients'}", f"--results-root={folder / 'results'}",
@@ -286,7 +296,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--splits", nargs="+", default=list(DIGITS_SPLITS), type=check_in_dataset,
                         help="the digits open-set splits; run k uses split k mod their number")
     parser.add_argument("--seeds", type=int, default=3,
-                        help="training runs (seeds 1..N); 3 by default: a run takes ~10 min on a 2-core CPU")
+                        help="training runs (seeds 1..N); 3 by default: a run takes ~14 min on a 2-core CPU")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 1 epoch each, 40 samples a set")
     parser.add_argument("--aux-dataset", help="the energy fine-tuning's auxiliary outliers (default: sample_photos "
                                               "on digits, tinyimages on CIFAR; random300k is OE's replacement)")

@@ -91,7 +91,7 @@ def test_quick_run_reports_every_detector_near_and_far(tmp_path):
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert report["sets"] == {"near": ["heldout"], "far": ["blobs", "gaussian", "rademacher"]}
     rows = report["summary"]["rows"]
-    expected = {f"{m}: {d}" for m in ("ce", "energy") for d in SCORE_ALL} | {"bce: original"}
+    expected = {f"{m}: {d}" for m in ("ce", "energy") for d in (*SCORE_ALL, *benchmark.BY_NAME)} | {"bce: original"}
     expected |= {f"{m}: {b}" for m in benchmark.MODELS for b in ("MSP", "Energy", *FEATURE_BASELINES)}
     assert expected <= set(rows)
     for entry in rows.values():
