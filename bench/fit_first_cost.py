@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from bench.activation_cost import best_time  # noqa: E402
 from utils.detectors import DETECTORS, gradient_scores  # noqa: E402
-from utils.detectors.lowdim import LowDim, LowDimFit, per_sample_gradients  # noqa: E402
+from utils.detectors.lowdim import LowDim, LowDimFit, parameter_count, per_sample_gradients  # noqa: E402
 from utils.runtime import keep_freed_memory  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     train_images = torch.rand(args.train, 3, 32, 32, device=device)
     with torch.no_grad():
         training = TensorDataset(train_images, model(train_images).argmax(1))
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = parameter_count(model)
     print(f"{args.arch} ({parameters:,} parameters), {args.n} images, {device}, {torch.get_num_threads()} threads, "
           f"best of {args.repeats}:", flush=True)
     grood_fit_s, grood = once(lambda: DETECTORS["grood"].fit(model, training, device, args.n))

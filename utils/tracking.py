@@ -361,7 +361,7 @@ def fitted_on_training(detector: Detector, model: nn.Module, model_info: dict, t
                        args: argparse.Namespace, device: torch.device, refit: bool) -> Detector:
     """``detector`` fit on the ID training subset ``training`` (``training_subset``: ``--limit`` images), saved
     beside its files as ``fit.pt`` (``torch.save``, read back with ``weights_only=True``) and reused while it is of
-    model and of its options — and, with ``refit`` (``--dataset train``), of this many images."""
+    this model and of its options — and, with ``refit`` (``--dataset train``), of this many images."""
     path = gradient_path(args.in_dataset, args.name, detector.name, TRAIN_SPLIT, args.gradient_root).with_name("fit.pt")
     if path.is_file():
         saved = torch.load(path, map_location=device, weights_only=True)

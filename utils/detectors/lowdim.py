@@ -85,10 +85,15 @@ def projections(model: nn.Module, x: torch.Tensor, tangents: torch.Tensor, chunk
     return torch.cat([push(unflatten(block)).T for block in tangents.split(chunk, 1)], 1)
 
 
+def parameter_count(model: nn.Module) -> int:
+    """P: the entries of every parameter (the length of a flattened per-sample gradient)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def gradient_chunk(model: nn.Module) -> int:
     """How many images' per-sample gradients are formed at once: ``GRADIENT_FLOATS`` entries (ResNet-20: 497
     images; ResNet-50: 5)."""
-    return max(1, GRADIENT_FLOATS // sum(p.numel() for p in model.parameters()))
+    return max(1, GRADIENT_FLOATS // parameter_count(model))
 
 
 def _batches(model: nn.Module, training: Dataset, device: torch.device,
@@ -98,6 +103,13 @@ def _batches(model: nn.Module, training: Dataset, device: torch.device,
     dtype, chunk = next(model.parameters()).dtype, gradient_chunk(model)
     for images, labels in DataLoader(training, batch_size=min(batch_size, chunk)):
         yield per_sample_gradients(model, images.to(device, dtype)), labels.to(device)
+
+
+def _normalised(model: nn.Module, training: Dataset, device: torch.device, batch_size: int, mean: torch.Tensor,
+                inverse_sqrt: torch.Tensor) -> Iterator[torch.Tensor]:
+    """φ_i = I ⊙ (g_i − z) of the training images, a batch at a time: one pass of per-sample gradients."""
+    for g, _ in _batches(model, training, device, batch_size):
+        yield inverse_sqrt * (g - mean)
 
 
 def normalise(features: torch.Tensor) -> torch.Tensor:
@@ -181,14 +193,12 @@ def fit_lowdim(model: nn.Module, training: Dataset, device: torch.device, batch_
     Φ is never held whole: each pass forms the per-sample gradients of a batch (``per_sample_gradients``), uses
     them and drops them — 1 + 1 + ``iterations`` + 1 passes over the training images."""
     with eval_mode(model):
-        parameters = sum(p.numel() for p in model.parameters())
-        refuse_too_large("principal", parameters, min(components, len(training)), 3, next(model.parameters()).dtype,
-                         device)
+        refuse_too_large("principal", parameter_count(model), min(components, len(training)), 3,
+                         next(model.parameters()).dtype, device)
         count, mean, inverse_sqrt = moments(model, training, device, batch_size)
 
         def phi() -> Iterator[torch.Tensor]:
-            for g, _ in _batches(model, training, device, batch_size):
-                yield inverse_sqrt * (g - mean)
+            return _normalised(model, training, device, batch_size, mean, inverse_sqrt)
 
         k = min(components, count)
         omega = subspace_start(count, k, seed, mean.dtype).to(device)
@@ -217,8 +227,7 @@ def fit_class_means(model: nn.Module, training: Dataset, device: torch.device, b
     the training images' features I ⊙ (g_i − z) · V, L2-normalised for the KNN. Two passes: the class sums ride on
     the moments' pass. The K × P directions are held at once (ResNet-50 on ImageNet: 1,000 × 25.6 M)."""
     with eval_mode(model):
-        dtype = next(model.parameters()).dtype
-        parameters = sum(p.numel() for p in model.parameters())
+        dtype, parameters = next(model.parameters()).dtype, parameter_count(model)
         with torch.no_grad():
             num_classes = model(training[0][0][None].to(device, dtype)).shape[1]
         refuse_too_large("class_means", parameters, num_classes, 1, dtype, device)
@@ -236,8 +245,8 @@ def fit_class_means(model: nn.Module, training: Dataset, device: torch.device, b
         sums.div_(counts[:, None]).sub_(mean).mul_(inverse_sqrt)
         sums.div_(torch.linalg.vector_norm(sums, dim=1, keepdim=True))
         directions = sums.T
-        train = torch.cat([(inverse_sqrt * (g - mean)) @ directions
-                           for g, _ in _batches(model, training, device, batch_size)])
+        train = torch.cat([phi @ directions for phi in _normalised(model, training, device, batch_size, mean,
+                                                                    inverse_sqrt)])
     return LowDimFit(mean, inverse_sqrt, directions, normalise(train), count, "class_means")
 
 
